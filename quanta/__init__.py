@@ -1,0 +1,1 @@
+"""quanta: run AI models cheaply and serve them at scale."""
