@@ -136,6 +136,8 @@ class Service:
     name: str = ""
     #: Other names accepted for the same model.
     aliases: tuple[str, ...] = ()
+    #: The length of each vector, for services that serve `api="openai.embeddings"`.
+    dimensions: int | None = None
 
     def setup(self) -> None:
         """Load the model; runs once in each worker before its first batch."""

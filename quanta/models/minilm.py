@@ -93,6 +93,7 @@ class MiniLMEmbedder(Service):
 
     name = "all-MiniLM-L6-v2"
     aliases = ("sentence-transformers/all-MiniLM-L6-v2",)
+    dimensions = 384
 
     def __init__(self, *, model: str = "builtin:minilm", precision: str = "auto"):
         if precision not in PRECISIONS:

@@ -1,0 +1,164 @@
+"""The `quanta` command; the only place that configures logging.
+
+    quanta serve                     the built-in embedding model on 127.0.0.1:8000
+    quanta run app.py:MyService      any Service class
+    quanta info                      what this machine offers
+
+Every serving flag has a `QUANTA_<FLAG>` environment variable as its default,
+e.g. QUANTA_PORT=9000 or QUANTA_API_KEY=secret.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from quanta.errors import QuantaError
+
+__all__ = ["main", "configure_logging"]
+
+logger = logging.getLogger(__name__)
+
+
+def configure_logging(level: str) -> None:
+    """Send quanta's log records to stderr, one line each, at `level` and above."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    )
+    root = logging.getLogger("quanta")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def _env(flag: str, default: object) -> object:
+    return os.environ.get(f"QUANTA_{flag.upper().replace('-', '_')}", default)
+
+
+def _add_serving_flags(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--host", default=_env("host", "127.0.0.1"), help="interface to listen on")
+    add("--port", type=int, default=_env("port", 8000))
+    add("--workers", type=int, default=_env("workers", 0),
+        help="worker processes (default: one per two cores)")
+    add("--threads-per-worker", type=int, default=_env("threads-per-worker", 0),
+        help="torch threads in each worker (default: cores / workers)")
+    add("--max-batch-size", type=int, default=_env("max-batch-size", None),
+        help="most inputs per batch (default: the endpoint's own)")
+    add("--max-wait-ms", type=float, default=_env("max-wait-ms", None),
+        help="how long a batch waits to fill (default: the endpoint's own)")
+    add("--max-inputs", type=int, default=_env("max-inputs", 2048),
+        help="most inputs in one request")
+    add("--max-body-mb", type=float, default=_env("max-body-mb", 16), help="largest request body")
+    add("--request-timeout", type=float, default=_env("request-timeout", 60.0),
+        help="seconds before a request is answered 503")
+    add("--api-key", default=_env("api-key", None), help="require 'Authorization: Bearer KEY'")
+    add("--log-level", default=_env("log-level", "info"),
+        choices=["debug", "info", "warning", "error"])
+
+
+def _serve(args: argparse.Namespace, service: str, options: dict) -> None:
+    # Imported here: `quanta info` and the workers need none of the HTTP stack.
+    import uvicorn
+
+    from quanta.serving.config import ServerConfig
+    from quanta.serving.gateway import create_app
+
+    config = ServerConfig(
+        service=service,
+        options=options,
+        host=args.host,
+        port=int(args.port),
+        workers=int(args.workers),
+        threads_per_worker=int(args.threads_per_worker),
+        max_batch_size=None if args.max_batch_size is None else int(args.max_batch_size),
+        max_wait_ms=None if args.max_wait_ms is None else float(args.max_wait_ms),
+        max_inputs=int(args.max_inputs),
+        max_body_bytes=int(float(args.max_body_mb) * 1024 * 1024),
+        request_timeout_s=float(args.request_timeout),
+        api_key=args.api_key,
+    )
+    app = create_app(config)
+    logger.info("serving %s on http://%s:%d (docs at /docs)", service, config.host, config.port)
+    uvicorn.run(
+        app, host=config.host, port=config.port, log_config=None, access_log=False,
+        loop="uvloop", http="httptools", timeout_graceful_shutdown=5,
+        log_level=args.log_level,
+    )
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise QuantaError(f"--option {pair!r} must look like key=value")
+        # JSON values (numbers, true, lists) are taken as such; anything else is a string
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quanta", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the built-in embedding model")
+    serve.add_argument("--model", default=_env("model", "builtin:minilm"),
+                       help="builtin:minilm or a model directory")
+    serve.add_argument("--precision", default=_env("precision", "auto"),
+                       choices=["auto", "fp32", "bf16"])
+    _add_serving_flags(serve)
+
+    run = commands.add_parser("run", help="serve a Service class: quanta run app.py:MyService")
+    run.add_argument("service", help="file.py:Class or package.module:Class")
+    run.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                     help="a keyword option for the class's __init__ (repeatable)")
+    _add_serving_flags(run)
+
+    commands.add_parser("info", help="print what this machine offers")
+
+    worker = commands.add_parser("worker", help=argparse.SUPPRESS)
+    for flag in ("--address", "--worker-id", "--service", "--options"):
+        worker.add_argument(flag, required=True)
+    worker.add_argument("--threads", type=int, required=True)
+    worker.add_argument("--heartbeat-s", type=float, required=True)
+    worker.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        if args.command == "serve":
+            _serve(args, "quanta.models.minilm:MiniLMEmbedder",
+                   {"model": args.model, "precision": args.precision})
+        elif args.command == "run":
+            _serve(args, args.service, _parse_options(args.option))
+        elif args.command == "info":
+            from quanta import hardware
+
+            print(hardware.detect().describe())
+        elif args.command == "worker":
+            from quanta.serving.worker import serve_worker
+
+            serve_worker(address=args.address, worker_id=args.worker_id, service=args.service,
+                         options=json.loads(args.options), threads=args.threads,
+                         heartbeat_s=args.heartbeat_s)
+    except QuantaError as exc:
+        logger.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
