@@ -43,22 +43,49 @@ def _add_serving_flags(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--host", default=_env("host", "127.0.0.1"), help="interface to listen on")
     add("--port", type=int, default=_env("port", 8000))
-    add("--workers", type=int, default=_env("workers", 0),
-        help="worker processes (default: one per two cores)")
-    add("--threads-per-worker", type=int, default=_env("threads-per-worker", 0),
-        help="torch threads in each worker (default: cores / workers)")
-    add("--max-batch-size", type=int, default=_env("max-batch-size", None),
-        help="most inputs per batch (default: the endpoint's own)")
-    add("--max-wait-ms", type=float, default=_env("max-wait-ms", None),
-        help="how long a batch waits to fill (default: the endpoint's own)")
-    add("--max-inputs", type=int, default=_env("max-inputs", 2048),
-        help="most inputs in one request")
+    add(
+        "--workers",
+        type=int,
+        default=_env("workers", 0),
+        help="worker processes (default: one per two cores)",
+    )
+    add(
+        "--threads-per-worker",
+        type=int,
+        default=_env("threads-per-worker", 0),
+        help="torch threads in each worker (default: cores / workers)",
+    )
+    add(
+        "--max-batch-size",
+        type=int,
+        default=_env("max-batch-size", None),
+        help="most inputs per batch (default: the endpoint's own)",
+    )
+    add(
+        "--max-wait-ms",
+        type=float,
+        default=_env("max-wait-ms", None),
+        help="how long a batch waits to fill (default: the endpoint's own)",
+    )
+    add(
+        "--max-inputs",
+        type=int,
+        default=_env("max-inputs", 2048),
+        help="most inputs in one request",
+    )
     add("--max-body-mb", type=float, default=_env("max-body-mb", 16), help="largest request body")
-    add("--request-timeout", type=float, default=_env("request-timeout", 60.0),
-        help="seconds before a request is answered 503")
+    add(
+        "--request-timeout",
+        type=float,
+        default=_env("request-timeout", 60.0),
+        help="seconds before a request is answered 503",
+    )
     add("--api-key", default=_env("api-key", None), help="require 'Authorization: Bearer KEY'")
-    add("--log-level", default=_env("log-level", "info"),
-        choices=["debug", "info", "warning", "error"])
+    add(
+        "--log-level",
+        default=_env("log-level", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
 
 
 def _serve(args: argparse.Namespace, service: str, options: dict) -> None:
@@ -85,8 +112,14 @@ def _serve(args: argparse.Namespace, service: str, options: dict) -> None:
     app = create_app(config)
     logger.info("serving %s on http://%s:%d (docs at /docs)", service, config.host, config.port)
     uvicorn.run(
-        app, host=config.host, port=config.port, log_config=None, access_log=False,
-        loop="uvloop", http="httptools", timeout_graceful_shutdown=5,
+        app,
+        host=config.host,
+        port=config.port,
+        log_config=None,
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+        timeout_graceful_shutdown=5,
         log_level=args.log_level,
     )
 
@@ -110,16 +143,25 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the built-in embedding model")
-    serve.add_argument("--model", default=_env("model", "builtin:minilm"),
-                       help="builtin:minilm or a model directory")
-    serve.add_argument("--precision", default=_env("precision", "auto"),
-                       choices=["auto", "fp32", "bf16"])
+    serve.add_argument(
+        "--model",
+        default=_env("model", "builtin:minilm"),
+        help="builtin:minilm or a model directory",
+    )
+    serve.add_argument(
+        "--precision", default=_env("precision", "auto"), choices=["auto", "fp32", "bf16"]
+    )
     _add_serving_flags(serve)
 
     run = commands.add_parser("run", help="serve a Service class: quanta run app.py:MyService")
     run.add_argument("service", help="file.py:Class or package.module:Class")
-    run.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                     help="a keyword option for the class's __init__ (repeatable)")
+    run.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a keyword option for the class's __init__ (repeatable)",
+    )
     _add_serving_flags(run)
 
     commands.add_parser("info", help="print what this machine offers")
@@ -138,8 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     try:
         if args.command == "serve":
-            _serve(args, "quanta.models.minilm:MiniLMEmbedder",
-                   {"model": args.model, "precision": args.precision})
+            _serve(
+                args,
+                "quanta.models.minilm:MiniLMEmbedder",
+                {"model": args.model, "precision": args.precision},
+            )
         elif args.command == "run":
             _serve(args, args.service, _parse_options(args.option))
         elif args.command == "info":
@@ -149,9 +194,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "worker":
             from quanta.serving.worker import serve_worker
 
-            serve_worker(address=args.address, worker_id=args.worker_id, service=args.service,
-                         options=json.loads(args.options), threads=args.threads,
-                         heartbeat_s=args.heartbeat_s)
+            serve_worker(
+                address=args.address,
+                worker_id=args.worker_id,
+                service=args.service,
+                options=json.loads(args.options),
+                threads=args.threads,
+                heartbeat_s=args.heartbeat_s,
+            )
     except QuantaError as exc:
         logger.error("%s", exc)
         return 2

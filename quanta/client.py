@@ -1,9 +1,9 @@
 """A small synchronous client for a quanta server.
 
-    >>> import quanta
-    >>> client = quanta.Client("http://127.0.0.1:8000")
-    >>> client.embed(["hello world"]).shape            # doctest: +SKIP
-    (1, 384)
+>>> import quanta
+>>> client = quanta.Client("http://127.0.0.1:8000")
+>>> client.embed(["hello world"]).shape            # doctest: +SKIP
+(1, 384)
 """
 
 from __future__ import annotations
@@ -37,8 +37,13 @@ class Client:
         timeout: seconds to wait for each response.
     """
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
-                 timeout: float = 60.0):
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+    ):
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
 

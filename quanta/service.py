@@ -45,7 +45,13 @@ from typing import Any
 from quanta.errors import ConfigError, ServiceError, ServiceLoadError, shorten
 
 __all__ = [
-    "API_KINDS", "Endpoint", "EndpointSpec", "Service", "endpoint", "endpoints", "load_service",
+    "API_KINDS",
+    "Endpoint",
+    "EndpointSpec",
+    "Service",
+    "endpoint",
+    "endpoints",
+    "load_service",
 ]
 
 # How an endpoint's HTTP body maps to a batch of inputs and back.

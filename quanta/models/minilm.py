@@ -113,8 +113,9 @@ class MiniLMEmbedder(Service):
         self.encoder = load_bert(self.directory).to(self.device)
         self.dtype = self._choose_dtype()
         self.encoder.to(self.dtype)
-        logger.info("loaded %s from %s in %s on %s", self.name, self.directory,
-                    self.dtype, self.device)
+        logger.info(
+            "loaded %s from %s in %s on %s", self.name, self.directory, self.dtype, self.device
+        )
 
     def _choose_dtype(self):
         torch = self.torch
@@ -136,7 +137,9 @@ class MiniLMEmbedder(Service):
         chosen = torch.bfloat16 if cosine >= BF16_MIN_COSINE else torch.float32
         logger.info(
             "precision auto: %s (bf16 mean cosine to fp32 %.6f, threshold %.3f)",
-            "bf16" if chosen == torch.bfloat16 else "fp32", cosine, BF16_MIN_COSINE,
+            "bf16" if chosen == torch.bfloat16 else "fp32",
+            cosine,
+            BF16_MIN_COSINE,
         )
         return chosen
 

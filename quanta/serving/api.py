@@ -87,7 +87,8 @@ class EmbeddingRequest(BaseModel):
         "float", description="float: lists of numbers; base64: little-endian float32 bytes."
     )
     dimensions: StrictInt | None = Field(
-        None, description="Keep the first N dimensions of each embedding and rescale to unit length."
+        None,
+        description="Keep the first N dimensions of each embedding and rescale to unit length.",
     )
     user: StrictStr | None = Field(None, description="Ignored; accepted for compatibility.")
 

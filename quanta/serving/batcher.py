@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
 import time
 from collections import deque
@@ -67,8 +68,9 @@ class Batcher:
         for task in [self._task, *self._running]:
             if task is not None:
                 task.cancel()
-        await asyncio.gather(*[t for t in [self._task, *self._running] if t],
-                             return_exceptions=True)
+        await asyncio.gather(
+            *[t for t in [self._task, *self._running] if t], return_exceptions=True
+        )
 
     def submit(self, values: list, sizes: list[int] | None = None) -> list[asyncio.Future]:
         """Queue inputs; return one future per input, resolved with its output.
@@ -119,10 +121,8 @@ class Batcher:
                 return
             self._arrival.clear()
             timeout = None if wait_s == float("inf") else wait_s
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrival.wait(), timeout)
-            except TimeoutError:
-                pass
 
     async def _loop(self) -> None:
         while True:

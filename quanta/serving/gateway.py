@@ -41,6 +41,13 @@ __all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
 
+# What each field takes, for messages about bodies that break the schema.
+_EXPECTED = {
+    "input": "expected a string or a list of strings",
+    "model": "expected the model's name as a string",
+    "inputs": "expected a list of inputs",
+}
+
 # Sizing this many inputs or more runs in a thread, off the event loop.
 _SIZE_IN_THREAD = 64
 
@@ -70,8 +77,9 @@ class Gateway:
         self.pool = WorkerPool(self.config, self.metrics)
         await self.pool.start()
         for name, spec in self.specs.items():
-            self.batchers[name] = Batcher(spec, self.pool, self.metrics,
-                                          max_queue=self.config.max_queue)
+            self.batchers[name] = Batcher(
+                spec, self.pool, self.metrics, max_queue=self.config.max_queue
+            )
             self.batchers[name].start()
 
     async def stop(self) -> None:
@@ -110,11 +118,17 @@ class Gateway:
 
     def check_count(self, count: int, field: str) -> None:
         if count == 0:
-            raise APIError(400, f"{field} is an empty list; send at least one item",
-                           code="empty_input", param=field)
+            raise APIError(
+                400,
+                f"{field} is an empty list; send at least one item",
+                code="empty_input",
+                param=field,
+            )
         if count > self.config.max_inputs:
-            message = (f"{field} has {count} items, more than the limit of "
-                       f"{self.config.max_inputs}; split the request or raise --max-inputs")
+            message = (
+                f"{field} has {count} items, more than the limit of "
+                f"{self.config.max_inputs}; split the request or raise --max-inputs"
+            )
             raise APIError(413, message, code="too_many_inputs", param=field)
 
 
@@ -123,16 +137,22 @@ def _add_embeddings_route(app: FastAPI, gateway: Gateway, spec: EndpointSpec) ->
 
     async def create_embeddings(body: EmbeddingRequest) -> Response:
         if body.model not in gateway.model_names:
-            message = (f"model {body.model!r} does not exist; this server serves "
-                       f"{sorted(gateway.model_names)}")
+            message = (
+                f"model {body.model!r} does not exist; this server serves "
+                f"{sorted(gateway.model_names)}"
+            )
             raise APIError(404, message, code="model_not_found", param="model")
         texts = [body.input] if isinstance(body.input, str) else body.input
         gateway.check_count(len(texts), "input")
         for i, text in enumerate(texts):
             if not text:
                 where = "input" if isinstance(body.input, str) else f"input[{i}]"
-                raise APIError(400, f"{where} is an empty string; every text needs a character",
-                               code="empty_input", param="input")
+                raise APIError(
+                    400,
+                    f"{where} is an empty string; every text needs a character",
+                    code="empty_input",
+                    param="input",
+                )
         if body.dimensions is not None and not 1 <= body.dimensions <= dimensions:
             message = f"dimensions={body.dimensions} is out of range: use 1 to {dimensions}"
             raise APIError(400, message, code="invalid_dimensions", param="dimensions")
@@ -140,12 +160,20 @@ def _add_embeddings_route(app: FastAPI, gateway: Gateway, spec: EndpointSpec) ->
         sizes = await gateway.sizes(spec, texts)
         vectors = await gateway.collect(spec, texts, sizes)
         return embedding_response(
-            vectors, model=body.model, prompt_tokens=sum(sizes or []),
-            encoding_format=body.encoding_format, dimensions=body.dimensions,
+            vectors,
+            model=body.model,
+            prompt_tokens=sum(sizes or []),
+            encoding_format=body.encoding_format,
+            dimensions=body.dimensions,
         )
 
-    app.add_api_route(spec.path, create_embeddings, methods=["POST"], tags=["OpenAI"],
-                      summary="Create embeddings (OpenAI-compatible)")
+    app.add_api_route(
+        spec.path,
+        create_embeddings,
+        methods=["POST"],
+        tags=["OpenAI"],
+        summary="Create embeddings (OpenAI-compatible)",
+    )
 
 
 def _add_inputs_route(app: FastAPI, gateway: Gateway, spec: EndpointSpec) -> None:
@@ -155,8 +183,13 @@ def _add_inputs_route(app: FastAPI, gateway: Gateway, spec: EndpointSpec) -> Non
         outputs = await gateway.collect(spec, body.inputs, sizes)
         return JSONResponse({"outputs": outputs})
 
-    app.add_api_route(spec.path, call_endpoint, methods=["POST"], name=spec.name,
-                      summary=f"{spec.name}: one output per input")
+    app.add_api_route(
+        spec.path,
+        call_endpoint,
+        methods=["POST"],
+        name=spec.name,
+        summary=f"{spec.name}: one output per input",
+    )
 
 
 def _add_exception_handlers(app: FastAPI) -> None:
@@ -169,11 +202,15 @@ def _add_exception_handlers(app: FastAPI) -> None:
         errors = exc.errors()
         if any(e["type"] == "json_invalid" for e in errors):
             return error_response(400, "the request body is not valid JSON", "invalid_json")
-        fields = [".".join(str(p) for p in e["loc"] if p != "body") or "body" for e in errors]
-        details = "; ".join(dict.fromkeys(f"{f}: {e['msg']}" for f, e in zip(fields, errors)))
-        given = shorten(errors[0].get("input"), 60)
-        message = f"invalid request body: {details} (got {given})"
-        return error_response(422, message, "invalid_type", fields[0].split(".")[0])
+        # Report the first field at fault; a union type (input) fails once per
+        # member, so its own description says more than pydantic's messages.
+        error = errors[0]
+        field = str(error["loc"][1]) if len(error["loc"]) > 1 else "body"
+        expected = _EXPECTED.get(field, error["msg"][0].lower() + error["msg"][1:])
+        message = f"invalid {field!r}: {expected} (got {shorten(error.get('input'), 60)})"
+        if error["type"] == "missing":
+            message = f"{field!r} is required: {_EXPECTED.get(field, 'add it to the body')}"
+        return error_response(422, message, "invalid_type", field)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -203,8 +240,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         finally:
             await gateway.stop()
 
-    app = FastAPI(title=f"quanta: {gateway.model_id}", lifespan=lifespan,
-                  default_response_class=JSONResponse)
+    app = FastAPI(
+        title=f"quanta: {gateway.model_id}", lifespan=lifespan, default_response_class=JSONResponse
+    )
     app.state.gateway = gateway
     _add_exception_handlers(app)
     for spec in gateway.specs.values():
@@ -215,8 +253,10 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/models", tags=["OpenAI"], summary="List the served models")
     async def list_models() -> Response:
-        data = [{"id": name, "object": "model", "created": 0, "owned_by": "quanta"}
-                for name in sorted(gateway.model_names)]
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "quanta"}
+            for name in sorted(gateway.model_names)
+        ]
         return JSONResponse({"object": "list", "data": data})
 
     @app.get("/healthz", summary="200 once a worker is ready, 503 before")
@@ -238,7 +278,6 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
-    routes = {spec.path for spec in gateway.specs.values()} | {"/v1/models", "/healthz",
-                                                                "/metrics"}
+    routes = {spec.path for spec in gateway.specs.values()} | {"/v1/models", "/healthz", "/metrics"}
     app.add_middleware(MetricsMiddleware, metrics=gateway.metrics, routes=routes)
     return app

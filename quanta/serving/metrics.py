@@ -7,7 +7,21 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 __all__ = ["Metrics"]
 
 _LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -26,15 +40,23 @@ class Metrics:
             "quanta_requests", "HTTP requests by route and status", ["route", "status"], registry=r
         )
         self.latency = Histogram(
-            "quanta_request_latency_seconds", "HTTP request latency by route", ["route"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "quanta_request_latency_seconds",
+            "HTTP request latency by route",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
-            "quanta_batch_size", "Inputs per batch sent to a worker", ["endpoint"],
-            buckets=_BATCH_BUCKETS, registry=r,
+            "quanta_batch_size",
+            "Inputs per batch sent to a worker",
+            ["endpoint"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
         )
         self.queue_depth = Gauge(
-            "quanta_queue_depth", "Inputs waiting in the gateway for a batch", ["endpoint"],
+            "quanta_queue_depth",
+            "Inputs waiting in the gateway for a batch",
+            ["endpoint"],
             registry=r,
         )
         self.ready_workers = Gauge("quanta_ready_workers", "Workers ready for batches", registry=r)

@@ -16,7 +16,6 @@ at once, or after a growing pause when workers keep dying during setup.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
@@ -62,6 +61,7 @@ class WorkerHandle:
     last_seen: float = field(default_factory=time.monotonic)
     items: int = 0
     reserved: int = 0
+    error: str = ""
     batches: dict[int, asyncio.Future] = field(default_factory=dict)
 
     @property
@@ -107,21 +107,35 @@ class WorkerPool:
         ]
         for _ in range(self.config.worker_count):
             self._spawn()
-        logger.info("starting %d workers with %d threads each, socket %s",
-                    self.config.worker_count, self.config.worker_threads, self.address)
+        logger.info(
+            "starting %d workers with %d threads each, socket %s",
+            self.config.worker_count,
+            self.config.worker_threads,
+            self.address,
+        )
 
     def _spawn(self) -> WorkerHandle:
         worker_id = f"w{next(self._ids)}"
         threads = self.config.worker_threads
         command = [
-            sys.executable, "-m", "quanta.cli", "worker",
-            "--address", self.address,
-            "--worker-id", worker_id,
-            "--service", self.config.service,
-            "--options", json.dumps(self.config.options),
-            "--threads", str(threads),
-            "--heartbeat-s", str(self.config.heartbeat_s),
-            "--log-level", logging.getLevelName(logging.getLogger("quanta").getEffectiveLevel()),
+            sys.executable,
+            "-m",
+            "quanta.cli",
+            "worker",
+            "--address",
+            self.address,
+            "--worker-id",
+            worker_id,
+            "--service",
+            self.config.service,
+            "--options",
+            json.dumps(self.config.options),
+            "--threads",
+            str(threads),
+            "--heartbeat-s",
+            str(self.config.heartbeat_s),
+            "--log-level",
+            logging.getLevelName(logging.getLogger("quanta").getEffectiveLevel()),
         ]
         # OpenMP and MKL read their pool sizes at load time, before torch can set them.
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -168,8 +182,11 @@ class WorkerPool:
                 if attempt == 2:
                     raise
                 self.metrics.retries.inc()
-                logger.warning("worker %s lost a batch of %d; retrying it on another worker",
-                               worker.id, len(inputs))
+                logger.warning(
+                    "worker %s lost a batch of %d; retrying it on another worker",
+                    worker.id,
+                    len(inputs),
+                )
                 worker = await self.acquire()
         raise AssertionError("unreachable")
 
@@ -222,16 +239,21 @@ class WorkerPool:
         if kind == "ready" and worker.state == "starting":
             worker.state = "ready"
             self._failed_starts = 0
-            logger.info("worker %s (pid %d) ready after %.1f s; %d of %d ready", worker.id,
-                        worker.pid, time.monotonic() - worker.started, self.ready_count,
-                        self.config.worker_count)
+            logger.info(
+                "worker %s (pid %d) ready after %.1f s; %d of %d ready",
+                worker.id,
+                worker.pid,
+                time.monotonic() - worker.started,
+                self.ready_count,
+                self.config.worker_count,
+            )
             await self._notify()
         elif kind in ("result", "error"):
             future = worker.batches.get(header.get("batch"))
             if future is not None and not future.done():
                 future.set_result((header, tensors))
         elif kind == "fatal":
-            logger.error("worker %s cannot serve: %s", worker.id, header.get("error"))
+            worker.error = str(header.get("error"))
 
     async def _monitor(self) -> None:
         while True:
@@ -242,8 +264,12 @@ class WorkerPool:
                 if code is not None:
                     await self._bury(worker, code)
                 elif now - worker.last_seen > _SILENT_HEARTBEATS * self.config.heartbeat_s:
-                    logger.error("worker %s (pid %d) silent for %.0f s; killing it",
-                                 worker.id, worker.pid, now - worker.last_seen)
+                    logger.error(
+                        "worker %s (pid %d) silent for %.0f s; killing it",
+                        worker.id,
+                        worker.pid,
+                        now - worker.last_seen,
+                    )
                     worker.process.kill()
 
     async def _bury(self, worker: WorkerHandle, code: int) -> None:
@@ -257,13 +283,21 @@ class WorkerPool:
         await self._notify()
         if self._stopping:
             return
-        logger.error("worker %s (pid %d) exited with %s; starting a replacement",
-                     worker.id, worker.pid, _describe_exit(code))
+        logger.error(
+            "worker %s (pid %d) exited with %s%s; starting a replacement",
+            worker.id,
+            worker.pid,
+            _describe_exit(code),
+            f" ({worker.error})" if worker.error else "",
+        )
         self._failed_starts = 0 if was_ready else self._failed_starts + 1
         if self._failed_starts:
             delay = min(2.0 ** (self._failed_starts - 1), _MAX_RESTART_DELAY_S)
-            logger.error("worker died during setup %d times in a row; next start in %.0f s",
-                         self._failed_starts, delay)
+            logger.error(
+                "worker died during setup %d times in a row; next start in %.0f s",
+                self._failed_starts,
+                delay,
+            )
             self._tasks.append(asyncio.create_task(self._spawn_later(delay)))
         else:
             self._spawn()

@@ -123,8 +123,12 @@ class Worker:
             transport.send(socket, {"type": "fatal", "error": f"setup() failed: {exc!r}"})
             raise
         transport.send(socket, {"type": "ready", "pid": os.getpid()})
-        logger.info("worker %s (pid %d) ready in %.1f s", self.worker_id, os.getpid(),
-                    time.perf_counter() - started)
+        logger.info(
+            "worker %s (pid %d) ready in %.1f s",
+            self.worker_id,
+            os.getpid(),
+            time.perf_counter() - started,
+        )
 
         while True:
             try:
@@ -154,8 +158,13 @@ class Worker:
             transport.send(socket, {"type": "result", "batch": batch, **part}, tensors)
         except Exception as exc:
             # The endpoint's own failure: report it for this batch and keep serving.
-            logger.error("worker %s: endpoint %s failed on a batch of %d:\n%s",
-                         self.worker_id, name, len(inputs), traceback.format_exc())
+            logger.error(
+                "worker %s: endpoint %s failed on a batch of %d:\n%s",
+                self.worker_id,
+                name,
+                len(inputs),
+                traceback.format_exc(),
+            )
             error = f"{type(exc).__name__}: {exc}"
             transport.send(socket, {"type": "error", "batch": batch, "error": error})
 

@@ -1,0 +1,126 @@
+"""Workers that are slow to start, fail, get killed, or outlive their gateway."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from tests.helpers import TOY_APP, Server, pid_alive
+
+
+def _wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def test_healthz_is_503_until_a_worker_is_ready(tmp_path):
+    gate = tmp_path / "gate"
+    with Server("run", f"{TOY_APP}:Toy", "--option", f"gate={gate}", wait_ready=False) as server:
+        first = server.wait_http(60)
+        assert first.status_code == 503
+        assert first.json()["status"] == "starting"
+        with ThreadPoolExecutor(1) as pool:
+            early = pool.submit(
+                httpx.post, f"{server.url}/double", json={"inputs": [1]}, timeout=30
+            )
+            time.sleep(0.5)
+            assert httpx.get(f"{server.url}/healthz").status_code == 503
+            gate.touch()
+            server.wait_ready(60)
+            # a request sent before any worker was ready waits for one instead of failing
+            assert early.result().status_code == 200
+            assert early.result().json() == {"outputs": [2]}
+
+
+def test_killed_worker_under_load_loses_no_request():
+    options = ["--option", "delay=0.05", "--workers", "2", "--threads-per-worker", "1"]
+    with Server("run", f"{TOY_APP}:Toy", *options) as server:
+        server.wait_ready(60, workers=2)
+        victim = httpx.get(f"{server.url}/healthz").json()["workers"][0]
+        results, stop = [], threading.Event()
+
+        def client(n: int) -> None:
+            with httpx.Client(base_url=server.url, timeout=60) as http:
+                for i in range(40):
+                    response = http.post("/double", json={"inputs": [n * 1000 + i]})
+                    results.append((n * 1000 + i, response.status_code, response.json()))
+
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(client, n) for n in range(16)]
+
+            # kill the worker while it runs a batch, so the batch must move
+            def busy() -> bool:
+                workers = httpx.get(f"{server.url}/healthz").json()["workers"]
+                return any(w["id"] == victim["id"] and w["items_in_flight"] for w in workers)
+
+            _wait_for(busy, 30, "the victim to run a batch")
+            os.kill(victim["pid"], signal.SIGKILL)
+            for future in futures:
+                future.result(timeout=120)
+            stop.set()
+
+        assert len(results) == 16 * 40
+        assert all(status == 200 and body == {"outputs": [2 * x]} for x, status, body in results)
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert "quanta_batch_retries_total 1.0" in metrics
+
+        health = server.wait_ready(60, workers=2)
+        pids = {w["pid"] for w in health["workers"]}
+        assert victim["pid"] not in pids and len(pids) == 2
+        assert "starting a replacement" in server.log()
+
+
+def test_sigterm_stops_gateway_and_workers_and_removes_the_socket():
+    with Server("run", f"{TOY_APP}:Toy", "--workers", "2") as server:
+        health = server.wait_ready(60, workers=2)
+        pids = [w["pid"] for w in health["workers"]]
+        socket_dir = server.socket_dir()
+        assert os.path.exists(f"{socket_dir}/gateway.sock")
+
+        started = time.monotonic()
+        code = server.stop()
+
+        # uvicorn re-raises the signal once it has shut down, as a signalled process should
+        assert code in (0, -signal.SIGTERM), server.log()
+        assert "all workers stopped" in server.log()
+        assert time.monotonic() - started < 15
+        assert not any(pid_alive(pid) for pid in [server.process.pid, *pids])
+        assert not os.path.exists(socket_dir)
+
+
+def test_workers_exit_by_themselves_when_the_gateway_is_killed():
+    with Server("run", f"{TOY_APP}:Toy", "--workers", "1") as server:
+        pid = server.wait_ready(60)["workers"][0]["pid"]
+        server.process.kill()
+        server.process.wait()
+        _wait_for(lambda: not pid_alive(pid), 15, "the orphaned worker to exit")
+
+
+def test_worker_failing_setup_keeps_health_503_and_is_retried_with_backoff():
+    with Server("run", f"{TOY_APP}:Toy", "--option", "fail_setup=true", wait_ready=False) as server:
+        _wait_for(lambda: server.log().count("next start in") >= 2, 60, "two failed starts")
+        assert httpx.get(f"{server.url}/healthz").status_code == 503
+        assert "setup() failed: RuntimeError('setup failed on purpose')" in server.log()
+        assert server.process.poll() is None
+
+
+def test_request_slower_than_the_timeout_gets_503_in_time():
+    options = ["--option", "delay=5", "--request-timeout", "1"]
+    with Server("run", f"{TOY_APP}:Toy", *options) as server:
+        started = time.monotonic()
+        response = httpx.post(f"{server.url}/double", json={"inputs": [1]}, timeout=30)
+        elapsed = time.monotonic() - started
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "timeout"
+    assert elapsed < 3
