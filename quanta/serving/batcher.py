@@ -32,8 +32,10 @@ __all__ = ["Batcher", "QueueFullError", "SIZE_BOUNDS"]
 logger = logging.getLogger(__name__)
 
 # Upper bounds of the size buckets. Powers of two keep the padding of a
-# batch under half its work whatever the mix of sizes.
-SIZE_BOUNDS = (8, 16, 32, 64, 128, 256, 512)
+# batch under half its work whatever the mix of sizes; sizes up to 16 share
+# one bucket, since short texts cost little padding and gain from larger
+# batches (docs/benchmarks.md compares the bounds).
+SIZE_BOUNDS = (16, 32, 64, 128, 256, 512)
 
 
 class QueueFullError(ServingError):

@@ -21,7 +21,7 @@ class ServerConfig:
         service: the Service class, as `module:Class` or `file.py:Class`.
         options: keyword options for the Service's `__init__`.
         host, port: where the gateway listens.
-        workers: worker processes; 0 means one per two cores.
+        workers: worker processes; 0 means one per core (see docs/benchmarks.md).
         threads_per_worker: torch threads in each worker; 0 means cores / workers.
         batches_per_worker: batches a worker holds at once (more than one
             hides the round trip, but closes batches earlier under load).
@@ -72,8 +72,13 @@ class ServerConfig:
 
     @property
     def worker_count(self) -> int:
-        """The number of worker processes, resolving 0 to one per two cores."""
-        return self.workers or max(1, hardware.detect().cores // 2)
+        """The number of worker processes, resolving 0 to one per core.
+
+        A small model makes small matrix products, which a single thread runs
+        nearly as fast as several: one single-threaded worker per core serves
+        more than fewer workers with more threads each (docs/benchmarks.md).
+        """
+        return self.workers or hardware.detect().cores
 
     @property
     def worker_threads(self) -> int:

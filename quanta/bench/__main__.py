@@ -1,0 +1,22 @@
+"""`python -m quanta.bench NAME`: run one benchmark."""
+
+from __future__ import annotations
+
+import sys
+
+BENCHMARKS = {"serve": "quanta.bench.serve"}
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
+        print(f"usage: python -m quanta.bench {{{','.join(BENCHMARKS)}}} [options]",
+              file=sys.stderr)
+        return 2
+    import importlib
+
+    importlib.import_module(BENCHMARKS[sys.argv[1]]).main(sys.argv[2:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
