@@ -177,7 +177,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(getattr(args, "log_level", "info"))
     try:
         if args.command == "serve":
             _serve(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import signal
@@ -99,26 +98,3 @@ def pid_alive(pid: int) -> bool:
             return f.read().split(") ")[-1][0] != "Z"
     except FileNotFoundError:
         return False
-
-
-def stdlib_sentences(count: int) -> list[str]:
-    """Real English sentences: the first sentences of standard library docstrings."""
-    import asyncio
-    import collections
-    import json
-    import pathlib
-    import subprocess as sp
-    import threading
-
-    sentences: list[str] = []
-    for module in (os, json, collections, pathlib, sp, threading, asyncio, inspect, re, socket):
-        for name in sorted(dir(module)):
-            doc = inspect.getdoc(getattr(module, name, None))
-            if not doc:
-                continue
-            first = " ".join(doc.split("\n\n")[0].split()).split(". ")[0].strip()
-            if 20 <= len(first) <= 300 and first not in sentences:
-                sentences.append(first)
-            if len(sentences) == count:
-                return sentences
-    return sentences

@@ -9,8 +9,9 @@ BENCHMARKS = {"serve": "quanta.bench.serve"}
 
 def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
-        print(f"usage: python -m quanta.bench {{{','.join(BENCHMARKS)}}} [options]",
-              file=sys.stderr)
+        print(
+            f"usage: python -m quanta.bench {{{','.join(BENCHMARKS)}}} [options]", file=sys.stderr
+        )
         return 2
     import importlib
 

@@ -92,8 +92,10 @@ async def _run(host, port, path, bodies, connections, count) -> LoadResult:
     errors: list[int] = []
     started = time.perf_counter()
     await asyncio.gather(
-        *(_connection(host, port, requests, next_index, latencies, errors)
-          for _ in range(connections))
+        *(
+            _connection(host, port, requests, next_index, latencies, errors)
+            for _ in range(connections)
+        )
     )
     seconds = time.perf_counter() - started
     return LoadResult(len(latencies), len(errors), seconds, np.array(latencies))

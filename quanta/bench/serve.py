@@ -78,10 +78,12 @@ def _plot(results: dict[str, dict], path: Path) -> None:
     left.set_ylabel("requests / s (higher is better)")
     width = 0.38
     xs = range(len(names))
-    right.bar([x - width / 2 for x in xs], [results[n]["p50_ms"] for n in names], width,
-              label="p50")
-    right.bar([x + width / 2 for x in xs], [results[n]["p99_ms"] for n in names], width,
-              label="p99")
+    right.bar(
+        [x - width / 2 for x in xs], [results[n]["p50_ms"] for n in names], width, label="p50"
+    )
+    right.bar(
+        [x + width / 2 for x in xs], [results[n]["p99_ms"] for n in names], width, label="p99"
+    )
     right.set_xticks(list(xs), names)
     right.set_ylabel("latency, ms (lower is better)")
     right.legend()
@@ -93,8 +95,9 @@ def _plot(results: dict[str, dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m quanta.bench serve",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m quanta.bench serve", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--count", type=int, default=1000, help="measured requests per server")
     parser.add_argument("--warmup", type=int, default=100, help="unmeasured requests first")
     parser.add_argument("--connections", type=int, default=32)
@@ -106,8 +109,16 @@ def main(argv: list[str] | None = None) -> dict:
     bodies = [json.dumps({"model": MODEL, "input": text}).encode() for text in corpus]
     python = sys.executable
     runs = {
-        "quanta": [python, "-m", "quanta.cli", "serve", "--workers", str(args.workers),
-                   "--log-level", "warning"],
+        "quanta": [
+            python,
+            "-m",
+            "quanta.cli",
+            "serve",
+            "--workers",
+            str(args.workers),
+            "--log-level",
+            "warning",
+        ],
         "plain (sync route)": [python, "-m", "quanta.bench.plain_server", "--mode", "sync"],
         "plain (async route)": [python, "-m", "quanta.bench.plain_server", "--mode", "async"],
     }
@@ -143,8 +154,13 @@ def _report(record: dict) -> None:
     for column in ("server", "requests/s", "p50 ms", "p99 ms", "errors"):
         table.add_column(column, justify="right" if column != "server" else "left")
     for name, r in record["results"].items():
-        table.add_row(name, f"{r['requests_per_s']:.1f}", f"{r['p50_ms']:.1f}",
-                      f"{r['p99_ms']:.1f}", str(r["errors"]))
+        table.add_row(
+            name,
+            f"{r['requests_per_s']:.1f}",
+            f"{r['p50_ms']:.1f}",
+            f"{r['p99_ms']:.1f}",
+            str(r["errors"]),
+        )
     console = Console()
     console.print(table)
     console.print(

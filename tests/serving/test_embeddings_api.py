@@ -10,7 +10,7 @@ import openai
 import pytest
 
 import quanta
-from tests.helpers import stdlib_sentences
+from quanta.bench.corpus import sentences as stdlib_sentences
 
 MODEL = "all-MiniLM-L6-v2"
 
@@ -106,6 +106,10 @@ def test_metrics_count_requests_batches_and_workers(minilm_server):
     assert 'quanta_batch_size_count{endpoint="/v1/embeddings"}' in text
     assert 'quanta_queue_depth{endpoint="/v1/embeddings"}' in text
     assert "quanta_ready_workers 1.0" in text
+
+
+def test_precision_choice_is_logged(minilm_server):
+    assert "precision auto: " in minilm_server.log()
 
 
 def test_docs_page_is_served(minilm_server):
