@@ -7,7 +7,8 @@ measured. The plain server runs in both of FastAPI's usual shapes (a sync
 route in the thread pool, an async route on the event loop); quanta is
 compared with the better of the two on each measure.
 
-    python -m quanta.bench serve [--count 1000] [--connections 32] [--out bench-results]
+    python -m quanta.bench serve [--count 2000] [--connections 32] [--out bench-results]
+    python -m quanta.bench serve --skip-plain --quanta-args "--workers 1"   (settings)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -98,35 +100,32 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         prog="python -m quanta.bench serve", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--count", type=int, default=1000, help="measured requests per server")
+    parser.add_argument("--count", type=int, default=2000, help="measured requests per server")
     parser.add_argument("--warmup", type=int, default=100, help="unmeasured requests first")
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=0, help="quanta workers (0: automatic)")
+    parser.add_argument(
+        "--quanta-args", default="", help="extra flags for `quanta serve`, e.g. '--workers 1'"
+    )
+    parser.add_argument(
+        "--skip-plain",
+        action="store_true",
+        help="measure quanta alone, to compare its own settings",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args(argv)
 
     corpus = sentences(2000)
     bodies = [json.dumps({"model": MODEL, "input": text}).encode() for text in corpus]
     python = sys.executable
-    runs = {
-        "quanta": [
-            python,
-            "-m",
-            "quanta.cli",
-            "serve",
-            "--workers",
-            str(args.workers),
-            "--log-level",
-            "warning",
-        ],
-        "plain (sync route)": [python, "-m", "quanta.bench.plain_server", "--mode", "sync"],
-        "plain (async route)": [python, "-m", "quanta.bench.plain_server", "--mode", "async"],
-    }
+    serve = [python, "-m", "quanta.cli", "serve", "--log-level", "warning"]
+    runs = {"quanta": [*serve, *shlex.split(args.quanta_args)]}
+    if not args.skip_plain:
+        plain_server = [python, "-m", "quanta.bench.plain_server", "--mode"]
+        runs["plain (sync route)"] = [*plain_server, "sync"]
+        runs["plain (async route)"] = [*plain_server, "async"]
     results = {name: _measure(name, cmd, bodies, args).summary() for name, cmd in runs.items()}
 
     quanta, plain = results["quanta"], [v for k, v in results.items() if k != "quanta"]
-    best_rps = max(p["requests_per_s"] for p in plain)
-    best_p99 = min(p["p99_ms"] for p in plain)
     record = {
         "benchmark": "serve",
         "command": "python -m quanta.bench serve " + " ".join(argv or sys.argv[2:]),
@@ -135,9 +134,11 @@ def main(argv: list[str] | None = None) -> dict:
         "connections": args.connections,
         "count": args.count,
         "results": results,
-        "throughput_ratio": round(quanta["requests_per_s"] / best_rps, 2),
-        "p99_ratio": round(quanta["p99_ms"] / best_p99, 2),
     }
+    if plain:
+        best_rps = max(p["requests_per_s"] for p in plain)
+        record["throughput_ratio"] = round(quanta["requests_per_s"] / best_rps, 2)
+        record["p99_ratio"] = round(quanta["p99_ms"] / min(p["p99_ms"] for p in plain), 2)
     _report(record)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve.json").write_text(json.dumps(record, indent=2))
@@ -163,6 +164,8 @@ def _report(record: dict) -> None:
         )
     console = Console()
     console.print(table)
+    if "throughput_ratio" not in record:
+        return
     console.print(
         f"quanta / best plain: {record['throughput_ratio']:.2f}x requests/s, "
         f"p99 {record['p99_ratio']:.2f}x"

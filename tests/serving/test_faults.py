@@ -115,7 +115,7 @@ def test_worker_failing_setup_keeps_health_503_and_is_retried_with_backoff():
 
 
 def test_request_slower_than_the_timeout_gets_503_in_time():
-    options = ["--option", "delay=5", "--request-timeout", "1"]
+    options = ["--option", "delay=3", "--request-timeout", "1"]
     with Server("run", f"{TOY_APP}:Toy", *options) as server:
         started = time.monotonic()
         response = httpx.post(f"{server.url}/double", json={"inputs": [1]}, timeout=30)
