@@ -82,6 +82,12 @@ def _add_serving_flags(parser: argparse.ArgumentParser) -> None:
     )
     add("--api-key", default=_env("api-key", None), help="require 'Authorization: Bearer KEY'")
     add(
+        "--heartbeat-s",
+        type=float,
+        default=_env("heartbeat-s", 1.0),
+        help="seconds between worker heartbeats; a worker silent for 10 is replaced",
+    )
+    add(
         "--log-level",
         default=_env("log-level", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -108,6 +114,7 @@ def _serve(args: argparse.Namespace, service: str, options: dict) -> None:
         max_body_bytes=int(float(args.max_body_mb) * 1024 * 1024),
         request_timeout_s=float(args.request_timeout),
         api_key=args.api_key,
+        heartbeat_s=float(args.heartbeat_s),
     )
     app = create_app(config)
     logger.info("serving %s on http://%s:%d (docs at /docs)", service, config.host, config.port)

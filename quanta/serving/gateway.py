@@ -93,8 +93,14 @@ class Gateway:
             return None
         sizer = getattr(self.service, spec.sizer)
         if len(values) >= _SIZE_IN_THREAD:
-            return await asyncio.to_thread(sizer, values)
-        return sizer(values)
+            sizes = await asyncio.to_thread(sizer, values)
+        else:
+            sizes = sizer(values)
+        if len(sizes) != len(values):
+            raise ServiceError(
+                f"sizer {spec.sizer} gave {len(sizes)} sizes for {len(values)} inputs"
+            )
+        return sizes
 
     async def collect(self, spec: EndpointSpec, values: list, sizes: list[int] | None) -> list:
         """Queue the inputs and wait for all their outputs, in order."""

@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 _MONITOR_INTERVAL_S = 0.05
 # A worker silent for this many heartbeat periods is taken as hung and killed.
 _SILENT_HEARTBEATS = 10
+# Before its first heartbeat a worker is importing torch, which on a cold disk
+# can take far longer than ten heartbeats; it gets this long instead.
+_FIRST_HEARTBEAT_S = 120.0
 # Pauses before restarting a worker that died during setup, doubling up to this.
 _MAX_RESTART_DELAY_S = 30.0
 
@@ -59,6 +62,7 @@ class WorkerHandle:
     started: float
     state: str = "starting"  # starting -> ready -> dead
     last_seen: float = field(default_factory=time.monotonic)
+    heard_from: bool = False
     items: int = 0
     reserved: int = 0
     error: str = ""
@@ -232,6 +236,7 @@ class WorkerPool:
             if worker is None:
                 continue
             worker.last_seen = time.monotonic()
+            worker.heard_from = True
             await self._handle(worker, header, tensors)
 
     async def _handle(self, worker: WorkerHandle, header: dict, tensors: dict) -> None:
@@ -259,11 +264,13 @@ class WorkerPool:
         while True:
             await asyncio.sleep(_MONITOR_INTERVAL_S)
             now = time.monotonic()
+            silent_limit = _SILENT_HEARTBEATS * self.config.heartbeat_s
             for worker in list(self.workers.values()):
                 code = worker.process.poll()
+                limit = silent_limit if worker.heard_from else _FIRST_HEARTBEAT_S
                 if code is not None:
                     await self._bury(worker, code)
-                elif now - worker.last_seen > _SILENT_HEARTBEATS * self.config.heartbeat_s:
+                elif now - worker.last_seen > limit:
                     logger.error(
                         "worker %s (pid %d) silent for %.0f s; killing it",
                         worker.id,

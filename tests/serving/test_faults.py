@@ -80,6 +80,31 @@ def test_killed_worker_under_load_loses_no_request():
         assert "starting a replacement" in server.log()
 
 
+def test_hung_worker_is_killed_and_its_batch_retried_elsewhere():
+    options = ["--option", "delay=0.3", "--workers", "2", "--heartbeat-s", "0.1"]
+    with Server("run", f"{TOY_APP}:Toy", *options) as server:
+        server.wait_ready(60, workers=2)
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(
+                httpx.post, f"{server.url}/double", json={"inputs": [4]}, timeout=30
+            )
+            busy = _wait_for(
+                lambda: [
+                    w
+                    for w in httpx.get(f"{server.url}/healthz").json()["workers"]
+                    if w["items_in_flight"]
+                ],
+                30,
+                "a worker to take the batch",
+            )
+            # a stopped process is alive but silent, as a deadlocked one would be
+            os.kill(busy[0]["pid"], signal.SIGSTOP)
+            assert answer.result().json() == {"outputs": [8]}
+        assert "silent for" in server.log()
+        _wait_for(lambda: not pid_alive(busy[0]["pid"]), 10, "the hung worker to be killed")
+        server.wait_ready(60, workers=2)
+
+
 def test_sigterm_stops_gateway_and_workers_and_removes_the_socket():
     with Server("run", f"{TOY_APP}:Toy", "--workers", "2") as server:
         health = server.wait_ready(60, workers=2)
