@@ -187,9 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(getattr(args, "log_level", "info"))
     try:
         if args.command == "serve":
+            from quanta.serving.config import BUILTIN_SERVICE
+
             _serve(
                 args,
-                "quanta.models.minilm:MiniLMEmbedder",
+                BUILTIN_SERVICE,
                 {"model": args.model, "precision": args.precision},
             )
         elif args.command == "run":
