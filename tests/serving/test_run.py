@@ -43,6 +43,18 @@ def test_request_larger_than_a_batch_is_split_and_reassembled_in_order(client, t
     assert float(count.split()[-1]) >= 13
 
 
+def test_batches_group_inputs_of_similar_size_and_close_at_max_batch_size(client):
+    # one request: 4 short words and 8 long ones, sizes in different buckets
+    words = ["ab"] * 4 + ["x" * 100] * 8
+    batches = client.call("/batch-sizes", words)
+
+    for word, batch in zip(words, batches, strict=True):
+        assert all((size > 16) == (len(word) > 16) for size in batch), batches
+    # 8 long words with max_batch_size 6 need two batches: one full, one with the rest
+    assert sorted({len(b) for b in batches[4:]}) == [2, 6]
+    assert batches[0] == [2, 2, 2, 2]
+
+
 def test_endpoint_exception_gives_500_and_the_worker_keeps_serving(client):
     with pytest.raises(APIError) as raised:
         client.call("/double", [None])

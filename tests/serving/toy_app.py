@@ -34,6 +34,16 @@ class Toy(quanta.Service):
     def size(self, xs: list) -> list[int]:
         return [len(str(x)) for x in xs]
 
+    @quanta.endpoint("/batch-sizes", max_batch_size=6, max_wait_ms=100)
+    def batch_sizes(self, words: list[str]) -> list[list[int]]:
+        """Tell each input the sizes of all the inputs it was batched with."""
+        sizes = sorted(len(w) for w in words)
+        return [sizes for _ in words]
+
+    @batch_sizes.sizer
+    def word_size(self, words: list[str]) -> list[int]:
+        return [len(w) for w in words]
+
     @quanta.endpoint("/stats", max_batch_size=4, max_wait_ms=1)
     def stats(self, rows: list[list[float]]) -> np.ndarray:
         return np.array([[len(r), sum(r)] for r in rows], dtype=np.float64)
