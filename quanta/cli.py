@@ -36,60 +36,32 @@ def configure_logging(level: str) -> None:
 
 
 def _env(flag: str, default: object) -> object:
-    return os.environ.get(f"QUANTA_{flag.upper().replace('-', '_')}", default)
+    # argparse converts a string default with the flag's type, as if typed
+    return os.environ.get(f"QUANTA_{flag.lstrip('-').upper().replace('-', '_')}", default)
+
+
+# flag, type, default, help: each maps to the ServerConfig field of the same name
+_SERVING_FLAGS = [
+    ("--host", str, "127.0.0.1", "interface to listen on"),
+    ("--port", int, 8000, "port to listen on"),
+    ("--workers", int, 0, "worker processes (default: one per core)"),
+    ("--threads-per-worker", int, 0, "torch threads in each worker (default: cores / workers)"),
+    ("--max-batch-size", int, None, "most inputs per batch (default: the endpoint's own)"),
+    ("--max-wait-ms", float, None, "how long a batch waits to fill (default: the endpoint's)"),
+    ("--max-inputs", int, 2048, "most inputs in one request"),
+    ("--max-body-mb", float, 16.0, "largest request body, in MiB"),
+    ("--request-timeout", float, 60.0, "seconds before a request is answered 503"),
+    ("--api-key", str, None, "require 'Authorization: Bearer KEY' on /v1/ routes"),
+    ("--heartbeat-s", float, 1.0, "seconds between heartbeats; a worker silent for 10 is replaced"),
+]
 
 
 def _add_serving_flags(parser: argparse.ArgumentParser) -> None:
-    add = parser.add_argument
-    add("--host", default=_env("host", "127.0.0.1"), help="interface to listen on")
-    add("--port", type=int, default=_env("port", 8000))
-    add(
-        "--workers",
-        type=int,
-        default=_env("workers", 0),
-        help="worker processes (default: one per two cores)",
-    )
-    add(
-        "--threads-per-worker",
-        type=int,
-        default=_env("threads-per-worker", 0),
-        help="torch threads in each worker (default: cores / workers)",
-    )
-    add(
-        "--max-batch-size",
-        type=int,
-        default=_env("max-batch-size", None),
-        help="most inputs per batch (default: the endpoint's own)",
-    )
-    add(
-        "--max-wait-ms",
-        type=float,
-        default=_env("max-wait-ms", None),
-        help="how long a batch waits to fill (default: the endpoint's own)",
-    )
-    add(
-        "--max-inputs",
-        type=int,
-        default=_env("max-inputs", 2048),
-        help="most inputs in one request",
-    )
-    add("--max-body-mb", type=float, default=_env("max-body-mb", 16), help="largest request body")
-    add(
-        "--request-timeout",
-        type=float,
-        default=_env("request-timeout", 60.0),
-        help="seconds before a request is answered 503",
-    )
-    add("--api-key", default=_env("api-key", None), help="require 'Authorization: Bearer KEY'")
-    add(
-        "--heartbeat-s",
-        type=float,
-        default=_env("heartbeat-s", 1.0),
-        help="seconds between worker heartbeats; a worker silent for 10 is replaced",
-    )
-    add(
+    for flag, kind, default, help_text in _SERVING_FLAGS:
+        parser.add_argument(flag, type=kind, default=_env(flag, default), help=help_text)
+    parser.add_argument(
         "--log-level",
-        default=_env("log-level", "info"),
+        default=_env("--log-level", "info"),
         choices=["debug", "info", "warning", "error"],
     )
 
@@ -105,16 +77,16 @@ def _serve(args: argparse.Namespace, service: str, options: dict) -> None:
         service=service,
         options=options,
         host=args.host,
-        port=int(args.port),
-        workers=int(args.workers),
-        threads_per_worker=int(args.threads_per_worker),
-        max_batch_size=None if args.max_batch_size is None else int(args.max_batch_size),
-        max_wait_ms=None if args.max_wait_ms is None else float(args.max_wait_ms),
-        max_inputs=int(args.max_inputs),
-        max_body_bytes=int(float(args.max_body_mb) * 1024 * 1024),
-        request_timeout_s=float(args.request_timeout),
+        port=args.port,
+        workers=args.workers,
+        threads_per_worker=args.threads_per_worker,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_inputs=args.max_inputs,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        request_timeout_s=args.request_timeout,
         api_key=args.api_key,
-        heartbeat_s=float(args.heartbeat_s),
+        heartbeat_s=args.heartbeat_s,
     )
     app = create_app(config)
     logger.info("serving %s on http://%s:%d (docs at /docs)", service, config.host, config.port)
@@ -152,11 +124,11 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the built-in embedding model")
     serve.add_argument(
         "--model",
-        default=_env("model", "builtin:minilm"),
+        default=_env("--model", "builtin:minilm"),
         help="builtin:minilm or a model directory",
     )
     serve.add_argument(
-        "--precision", default=_env("precision", "auto"), choices=["auto", "fp32", "bf16"]
+        "--precision", default=_env("--precision", "auto"), choices=["auto", "fp32", "bf16"]
     )
     _add_serving_flags(serve)
 

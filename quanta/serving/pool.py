@@ -112,7 +112,7 @@ class WorkerPool:
         for _ in range(self.config.worker_count):
             self._spawn()
         logger.info(
-            "starting %d workers with %d threads each, socket %s",
+            "starting %d workers, %d torch threads each, socket %s",
             self.config.worker_count,
             self.config.worker_threads,
             self.address,
