@@ -121,26 +121,16 @@ class WorkerPool:
     def _spawn(self) -> WorkerHandle:
         worker_id = f"w{next(self._ids)}"
         threads = self.config.worker_threads
-        command = [
-            sys.executable,
-            "-m",
-            "quanta.cli",
-            "worker",
-            "--address",
-            self.address,
-            "--worker-id",
-            worker_id,
-            "--service",
-            self.config.service,
-            "--options",
-            json.dumps(self.config.options),
-            "--threads",
-            str(threads),
-            "--heartbeat-s",
-            str(self.config.heartbeat_s),
-            "--log-level",
-            logging.getLevelName(logging.getLogger("quanta").getEffectiveLevel()),
-        ]
+        flags = {
+            "--address": self.address,
+            "--worker-id": worker_id,
+            "--service": self.config.service,
+            "--options": json.dumps(self.config.options),
+            "--threads": str(threads),
+            "--heartbeat-s": str(self.config.heartbeat_s),
+            "--log-level": logging.getLevelName(logging.getLogger("quanta").getEffectiveLevel()),
+        }
+        command = [sys.executable, "-m", "quanta.cli", "worker", *itertools.chain(*flags.items())]
         # OpenMP and MKL read their pool sizes at load time, before torch can set them.
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         # A session of its own keeps a terminal's Ctrl-C (sent to the whole

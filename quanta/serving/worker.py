@@ -121,10 +121,13 @@ class Worker:
         except Exception as exc:
             logger.exception("worker %s: setup() failed", self.worker_id)
             transport.send(socket, {"type": "fatal", "error": f"setup() failed: {exc!r}"})
-            raise
+            socket.close(linger=1000)
+            # logged once above; the gateway reports the exit and restarts
+            raise SystemExit(1) from None
         transport.send(socket, {"type": "ready", "pid": os.getpid()})
-        logger.info(
-            "worker %s (pid %d) ready in %.1f s",
+        # the gateway logs the worker's readiness at INFO, as a lifecycle event
+        logger.debug(
+            "worker %s (pid %d) set up in %.1f s",
             self.worker_id,
             os.getpid(),
             time.perf_counter() - started,
@@ -144,7 +147,7 @@ class Worker:
         heartbeat.join()
         socket.close(linger=1000)
         self.context.term()
-        logger.info("worker %s stopped", self.worker_id)
+        logger.debug("worker %s stopped", self.worker_id)
 
     def _run_batch(self, socket: zmq.Socket, header: dict) -> None:
         batch, name, inputs = header.get("batch"), header.get("endpoint"), header.get("inputs")

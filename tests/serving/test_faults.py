@@ -9,7 +9,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 
+from quanta.bench.corpus import sentences
 from tests.helpers import TOY_APP, Server, pid_alive
 
 
@@ -78,6 +80,41 @@ def test_killed_worker_under_load_loses_no_request():
         pids = {w["pid"] for w in health["workers"]}
         assert victim["pid"] not in pids and len(pids) == 2
         assert "starting a replacement" in server.log()
+
+
+def test_killed_embedding_worker_under_load_loses_no_request():
+    texts = sentences(160)
+    with Server("serve", "--workers", "2", "--threads-per-worker", "1") as server:
+        victim = server.wait_ready(90, workers=2)["workers"][0]
+
+        def embed(chunk: list[str]) -> list[tuple[str, int, list]]:
+            with httpx.Client(base_url=server.url, timeout=60) as http:
+                answers = []
+                for text in chunk:
+                    body = {"model": "all-MiniLM-L6-v2", "input": text}
+                    response = http.post("/v1/embeddings", json=body)
+                    vector = response.json()["data"][0]["embedding"] if response.is_success else []
+                    answers.append((text, response.status_code, vector))
+                return answers
+
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(embed, texts[i::16]) for i in range(16)]
+            _wait_for(
+                lambda: any(
+                    w["id"] == victim["id"] and w["items_in_flight"]
+                    for w in httpx.get(f"{server.url}/healthz").json()["workers"]
+                ),
+                30,
+                "the victim to run a batch",
+            )
+            os.kill(victim["pid"], signal.SIGKILL)
+            answers = [a for f in futures for a in f.result(timeout=120)]
+
+        assert sorted(t for t, _, _ in answers) == sorted(texts)
+        assert all(status == 200 for _, status, _ in answers)
+        norms = np.linalg.norm(np.array([v for _, _, v in answers]), axis=1)
+        np.testing.assert_allclose(norms, 1.0, atol=1e-3)
+        assert "quanta_batch_retries_total 1.0" in httpx.get(f"{server.url}/metrics").text
 
 
 def test_hung_worker_is_killed_and_its_batch_retried_elsewhere():
