@@ -5,7 +5,8 @@ text, token count), so a batch pads little. A bucket's batch is ready at
 `max_batch_size` inputs, or `max_wait_ms` after its oldest input arrived,
 whichever comes first. A ready batch is sent when a worker has room; while
 every worker is busy it keeps filling up to `max_batch_size`, which is how
-batches grow with the load.
+batches grow with the load. Of the ready buckets, the one ready longest goes
+first, so no bucket waits behind a stream of full batches from another.
 
 A request may carry more inputs than one batch holds: each input is queued
 on its own and has its own future, and the request gathers them in order.
@@ -109,7 +110,11 @@ class Batcher:
                 self._queued -= 1
             if not bucket:
                 continue
-            due = 0.0 if len(bucket) >= self.spec.max_batch_size else bucket[0].arrived + wait_s
+            # A full bucket is due since its oldest input came, a partial one
+            # max_wait after that: ranking buckets by this keeps a steady stream
+            # of full batches from starving a bucket whose wait has run out.
+            full = len(bucket) >= self.spec.max_batch_size
+            due = bucket[0].arrived if full else bucket[0].arrived + wait_s
             if due < best_due:
                 best, best_due = bucket, due
         if best is None:

@@ -117,6 +117,33 @@ def test_killed_embedding_worker_under_load_loses_no_request():
         assert "quanta_batch_retries_total 1.0" in httpx.get(f"{server.url}/metrics").text
 
 
+def test_a_lone_input_is_not_starved_by_a_flood_of_full_batches():
+    # one worker, 50 ms a batch: six clients keep full batches of short words
+    # waiting all the time, while one long word waits in a bucket of its own
+    with Server("run", f"{TOY_APP}:Toy", "--option", "delay=0.05", "--workers", "1") as server:
+        flood_until = time.monotonic() + 4
+
+        def flood() -> None:
+            with httpx.Client(base_url=server.url, timeout=30) as http:
+                for _ in range(200):
+                    if time.monotonic() > flood_until:
+                        return
+                    http.post("/batch-sizes", json={"inputs": ["ab"] * 6})
+
+        with ThreadPoolExecutor(6) as pool:
+            for _ in range(6):
+                pool.submit(flood)
+            time.sleep(1)
+            started = time.monotonic()
+            lone = httpx.post(f"{server.url}/batch-sizes", json={"inputs": ["x" * 100]}, timeout=30)
+            waited = time.monotonic() - started
+
+        assert lone.json() == {"outputs": [[100]]}
+        # due after max_wait_ms (100 ms), it goes within a few batches, long before
+        # the flood ends 3 s later
+        assert waited < 2.0, f"the lone input waited {waited:.2f} s behind the flood"
+
+
 def test_hung_worker_is_killed_and_its_batch_retried_elsewhere():
     options = ["--option", "delay=0.3", "--workers", "2", "--heartbeat-s", "0.1"]
     with Server("run", f"{TOY_APP}:Toy", *options) as server:

@@ -37,6 +37,7 @@ class Toy(quanta.Service):
     @quanta.endpoint("/batch-sizes", max_batch_size=6, max_wait_ms=100)
     def batch_sizes(self, words: list[str]) -> list[list[int]]:
         """Tell each input the sizes of all the inputs it was batched with."""
+        time.sleep(self.delay)
         sizes = sorted(len(w) for w in words)
         return [sizes for _ in words]
 
