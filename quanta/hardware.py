@@ -2,7 +2,9 @@
 
 The answer is read once from the operating system and cached. quanta uses it to
 pick a precision (bf16 only where the CPU computes it natively) and to size
-thread pools.
+thread pools. The CPU is read from /proc without importing torch, so that the
+gateway, which sizes the worker pool, stays free of it; GPUs are asked of torch
+separately, by `cuda_devices()`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import functools
 import os
 from dataclasses import dataclass
 
-__all__ = ["Hardware", "detect"]
+__all__ = ["Hardware", "cuda_devices", "detect"]
 
 # CPU flags as /proc/cpuinfo spells them, under the names quanta reports.
 _FLAGS = {
@@ -36,7 +38,6 @@ class Hardware:
     amx_tile: bool
     amx_bf16: bool
     amx_int8: bool
-    cuda_devices: tuple[str, ...]
 
     @property
     def amx(self) -> bool:
@@ -49,9 +50,10 @@ class Hardware:
         return self.amx_bf16 or self.avx512_bf16
 
     def describe(self) -> str:
-        """One line for logs: the model, the cores and the fast paths present."""
+        """One line: the model, the cores, the fast paths present, and any GPU."""
         paths = [name for name in _FLAGS if getattr(self, name)]
-        gpus = f", CUDA: {', '.join(self.cuda_devices)}" if self.cuda_devices else ""
+        gpus = cuda_devices()
+        gpus = f", CUDA: {', '.join(gpus)}" if gpus else ", no CUDA device"
         return f"{self.cpu_model}, {self.cores} cores, {' '.join(paths) or 'no AVX-512'}{gpus}"
 
 
@@ -82,8 +84,9 @@ def _cpuinfo() -> tuple[str, set[str]]:
     return model, flags
 
 
-def _cuda_devices() -> tuple[str, ...]:
-    # Imported here so that reading the CPU needs no torch.
+@functools.cache
+def cuda_devices() -> tuple[str, ...]:
+    """The names of the CUDA devices torch can use; empty without any."""
     try:
         import torch
     except ImportError:
@@ -109,6 +112,5 @@ def detect() -> Hardware:
     return Hardware(
         cores=_usable_cores(),
         cpu_model=model,
-        cuda_devices=_cuda_devices(),
         **{name: flag in flags for name, flag in _FLAGS.items()},
     )
