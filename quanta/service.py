@@ -51,6 +51,7 @@ __all__ = [
     "Service",
     "endpoint",
     "endpoints",
+    "instantiate",
     "load_service",
 ]
 
@@ -195,6 +196,22 @@ def load_service(reference: str) -> type[Service]:
         raise ServiceLoadError(f"{module_name!r} has no class {class_name!r}")
     endpoints(cls)
     return cls
+
+
+def instantiate(cls: type[Service], options: dict[str, Any]) -> Service:
+    """Build a Service with keyword options, as the gateway and each worker do.
+
+    Raises:
+        ConfigError: the options do not fit the class's `__init__`.
+    """
+    try:
+        inspect.signature(cls).bind(**options)
+    except TypeError as exc:
+        raise ConfigError(
+            f"options {shorten(options)} do not fit {cls.__name__}{inspect.signature(cls)}: "
+            f"{exc}; pass each as --option key=value"
+        ) from None
+    return cls(**options)
 
 
 def _import(name: str) -> Any:

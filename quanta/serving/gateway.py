@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from quanta.errors import BatchFailedError, ServiceError, ServingError, shorten
-from quanta.service import EndpointSpec, Service, endpoints, load_service
+from quanta.service import EndpointSpec, Service, endpoints, instantiate, load_service
 from quanta.serving.api import (
     APIError,
     EmbeddingRequest,
@@ -58,7 +58,7 @@ class Gateway:
     def __init__(self, config: ServerConfig):
         self.config = config
         cls = load_service(config.service)
-        self.service: Service = cls(**config.options)
+        self.service: Service = instantiate(cls, config.options)
         self.model_names = {n for n in (cls.name, *cls.aliases) if n} or {cls.__name__}
         self.model_id = cls.name or cls.__name__
         overrides = {"max_batch_size": config.max_batch_size, "max_wait_ms": config.max_wait_ms}

@@ -27,7 +27,7 @@ import zmq
 
 from quanta import transport
 from quanta.errors import TransportError, shorten
-from quanta.service import Service, endpoints, load_service
+from quanta.service import Service, endpoints, instantiate, load_service
 
 __all__ = ["Worker", "pack_outputs", "unpack_outputs"]
 
@@ -179,5 +179,5 @@ def serve_worker(
     import torch
 
     torch.set_num_threads(threads)
-    instance = load_service(service)(**options)
+    instance = instantiate(load_service(service), options)
     Worker(address=address, worker_id=worker_id, service=instance, heartbeat_s=heartbeat_s).run()

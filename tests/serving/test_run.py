@@ -96,6 +96,17 @@ def test_missing_service_class_fails_fast_with_a_clear_message():
     assert "has no class 'Nope'" in result.stderr
 
 
+def test_unknown_option_fails_fast_naming_the_signature():
+    result = subprocess.run(
+        [sys.executable, "-m", "quanta.cli", "run", f"{TOY_APP}:Toy", "--option", "nope=1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "{'nope': 1} do not fit Toy(*, delay" in result.stderr
+
+
 def test_missing_model_directory_fails_fast_with_a_clear_message(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "quanta.cli", "serve", "--model", str(tmp_path / "none")],
