@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,6 +22,21 @@ def _wait_for(predicate, timeout_s: float, what: str):
             return value
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def _busy_workers(server: Server) -> list[dict]:
+    """The workers that have items in flight, as /healthz reports them."""
+    workers = httpx.get(f"{server.url}/healthz").json()["workers"]
+    return [w for w in workers if w["items_in_flight"]]
+
+
+def _wait_until_busy(server: Server, worker_id: str | None = None) -> dict:
+    """Wait for a worker (any, or `worker_id`) to run a batch; return it."""
+
+    def busy() -> list[dict]:
+        return [w for w in _busy_workers(server) if worker_id in (None, w["id"])]
+
+    return _wait_for(busy, 30, f"worker {worker_id or 'any'} to run a batch")[0]
 
 
 def test_healthz_is_503_until_a_worker_is_ready(tmp_path):
@@ -49,7 +63,7 @@ def test_killed_worker_under_load_loses_no_request():
     with Server("run", f"{TOY_APP}:Toy", *options) as server:
         server.wait_ready(60, workers=2)
         victim = httpx.get(f"{server.url}/healthz").json()["workers"][0]
-        results, stop = [], threading.Event()
+        results = []
 
         def client(n: int) -> None:
             with httpx.Client(base_url=server.url, timeout=60) as http:
@@ -61,15 +75,10 @@ def test_killed_worker_under_load_loses_no_request():
             futures = [pool.submit(client, n) for n in range(16)]
 
             # kill the worker while it runs a batch, so the batch must move
-            def busy() -> bool:
-                workers = httpx.get(f"{server.url}/healthz").json()["workers"]
-                return any(w["id"] == victim["id"] and w["items_in_flight"] for w in workers)
-
-            _wait_for(busy, 30, "the victim to run a batch")
+            _wait_until_busy(server, victim["id"])
             os.kill(victim["pid"], signal.SIGKILL)
             for future in futures:
                 future.result(timeout=120)
-            stop.set()
 
         assert len(results) == 16 * 40
         assert all(status == 200 and body == {"outputs": [2 * x]} for x, status, body in results)
@@ -99,14 +108,7 @@ def test_killed_embedding_worker_under_load_loses_no_request():
 
         with ThreadPoolExecutor(16) as pool:
             futures = [pool.submit(embed, texts[i::16]) for i in range(16)]
-            _wait_for(
-                lambda: any(
-                    w["id"] == victim["id"] and w["items_in_flight"]
-                    for w in httpx.get(f"{server.url}/healthz").json()["workers"]
-                ),
-                30,
-                "the victim to run a batch",
-            )
+            _wait_until_busy(server, victim["id"])
             os.kill(victim["pid"], signal.SIGKILL)
             answers = [a for f in futures for a in f.result(timeout=120)]
 
@@ -152,20 +154,12 @@ def test_hung_worker_is_killed_and_its_batch_retried_elsewhere():
             answer = pool.submit(
                 httpx.post, f"{server.url}/double", json={"inputs": [4]}, timeout=30
             )
-            busy = _wait_for(
-                lambda: [
-                    w
-                    for w in httpx.get(f"{server.url}/healthz").json()["workers"]
-                    if w["items_in_flight"]
-                ],
-                30,
-                "a worker to take the batch",
-            )
+            busy = _wait_until_busy(server)
             # a stopped process is alive but silent, as a deadlocked one would be
-            os.kill(busy[0]["pid"], signal.SIGSTOP)
+            os.kill(busy["pid"], signal.SIGSTOP)
             assert answer.result().json() == {"outputs": [8]}
         assert "silent for" in server.log()
-        _wait_for(lambda: not pid_alive(busy[0]["pid"]), 10, "the hung worker to be killed")
+        _wait_for(lambda: not pid_alive(busy["pid"]), 10, "the hung worker to be killed")
         server.wait_ready(60, workers=2)
 
 
@@ -196,14 +190,7 @@ def test_sigterm_lets_requests_in_flight_finish():
                 pool.submit(httpx.post, f"{server.url}/double", json={"inputs": [i]}, timeout=30)
                 for i in range(8)
             ]
-            _wait_for(
-                lambda: any(
-                    w["items_in_flight"]
-                    for w in httpx.get(f"{server.url}/healthz").json()["workers"]
-                ),
-                30,
-                "a batch in flight",
-            )
+            _wait_until_busy(server)
             code = server.stop()
             results = [a.result() for a in answers]
 

@@ -85,34 +85,25 @@ def test_bad_inputs_body_gets_json_errors(toy_server):
     assert not_a_list.json()["error"]["param"] == "inputs"
 
 
+def _quanta(*args: str) -> subprocess.CompletedProcess:
+    """Run the `quanta` command to its end, as a user would."""
+    command = [sys.executable, "-m", "quanta.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
 def test_missing_service_class_fails_fast_with_a_clear_message():
-    result = subprocess.run(
-        [sys.executable, "-m", "quanta.cli", "run", f"{TOY_APP}:Nope", "--port", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _quanta("run", f"{TOY_APP}:Nope", "--port", "0")
     assert result.returncode == 2
     assert "has no class 'Nope'" in result.stderr
 
 
 def test_unknown_option_fails_fast_naming_the_signature():
-    result = subprocess.run(
-        [sys.executable, "-m", "quanta.cli", "run", f"{TOY_APP}:Toy", "--option", "nope=1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _quanta("run", f"{TOY_APP}:Toy", "--option", "nope=1")
     assert result.returncode == 2
     assert "{'nope': 1} do not fit Toy(*, delay" in result.stderr
 
 
 def test_missing_model_directory_fails_fast_with_a_clear_message(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "quanta.cli", "serve", "--model", str(tmp_path / "none")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _quanta("serve", "--model", str(tmp_path / "none"))
     assert result.returncode == 2
     assert "neither a built-in model" in result.stderr and "none" in result.stderr
