@@ -60,7 +60,7 @@ class WorkerHandle:
     id: str
     process: subprocess.Popen
     started: float
-    state: str = "starting"  # starting -> ready -> dead
+    state: str = "starting"  # starting -> ready (-> unreachable) -> dead
     last_seen: float = field(default_factory=time.monotonic)
     heard_from: bool = False
     items: int = 0
@@ -198,6 +198,11 @@ class WorkerPool:
             try:
                 await self._router.send_multipart([worker.id.encode(), *frames], copy=False)
             except zmq.ZMQError as exc:
+                # Its socket is gone before the monitor has seen the process
+                # exit: take it out of rotation now, or the retry would pick it
+                # again, and make sure the process ends so it is replaced.
+                worker.state = "unreachable"
+                worker.process.kill()
                 raise WorkerLostError(f"worker {worker.id} is unreachable: {exc}") from exc
             header, tensors = await reply
         finally:
@@ -271,7 +276,7 @@ class WorkerPool:
 
     async def _bury(self, worker: WorkerHandle, code: int) -> None:
         """Take a dead worker out, fail its batches over, and start a replacement."""
-        was_ready = worker.state == "ready"
+        was_ready = worker.state in ("ready", "unreachable")
         worker.state = "dead"
         del self.workers[worker.id]
         for future in worker.batches.values():
