@@ -3,6 +3,7 @@
     quanta serve                     the built-in embedding model on 127.0.0.1:8000
     quanta run app.py:MyService      any Service class
     quanta info                      what this machine offers
+    quanta keys --out DIR            a CURVE key pair for the workers' transport
 
 Every serving flag has a `QUANTA_<FLAG>` environment variable as its default,
 e.g. QUANTA_PORT=9000 or QUANTA_API_KEY=secret.
@@ -103,6 +104,15 @@ def _serve(args: argparse.Namespace, service: str, options: dict) -> None:
     )
 
 
+def _keys(args: argparse.Namespace) -> None:
+    from quanta.transport.security import generate_keypair, load_public_key
+
+    public_path, secret_path = generate_keypair(args.out, args.name, force=args.force)
+    print(f"public key file: {public_path}")
+    print(f"secret key file: {secret_path}  (keep it private)")
+    print(f"public key:      {load_public_key(public_path).decode('ascii')}")
+
+
 def _parse_options(pairs: list[str]) -> dict:
     options = {}
     for pair in pairs:
@@ -145,6 +155,11 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("info", help="print what this machine offers")
 
+    keys = commands.add_parser("keys", help="write a CURVE key pair: NAME.key and NAME.key_secret")
+    keys.add_argument("--out", default=".", help="directory to write to (default: here)")
+    keys.add_argument("--name", default="quanta", help="file name stem (default: quanta)")
+    keys.add_argument("--force", action="store_true", help="replace existing key files")
+
     worker = commands.add_parser("worker", help=argparse.SUPPRESS)
     for flag in ("--address", "--worker-id", "--service", "--options"):
         worker.add_argument(flag, required=True)
@@ -172,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             from quanta import hardware
 
             print(hardware.detect().describe())
+        elif args.command == "keys":
+            _keys(args)
         elif args.command == "worker":
             from quanta.serving.worker import serve_worker
 

@@ -29,14 +29,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import zmq
-import zmq.asyncio
-
-from quanta import transport
 from quanta.errors import BatchFailedError, TransportError, WorkerLostError
 from quanta.serving.config import ServerConfig
 from quanta.serving.metrics import Metrics
 from quanta.serving.worker import unpack_outputs
+from quanta.transport import AsyncChannel
 
 __all__ = ["WorkerPool", "WorkerHandle"]
 
@@ -91,12 +88,7 @@ class WorkerPool:
         self._stopping = False
         self._directory = tempfile.mkdtemp(prefix="quanta-")
         self.address = f"ipc://{self._directory}/gateway.sock"
-        self._context = zmq.asyncio.Context()
-        self._router = self._context.socket(zmq.ROUTER)
-        # A send to a worker that has gone raises instead of vanishing silently.
-        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._router.setsockopt(zmq.LINGER, 0)
-        self._router.copy_threshold = transport.ZERO_COPY_THRESHOLD
+        self._channel: AsyncChannel | None = None
 
     @property
     def ready_count(self) -> int:
@@ -104,7 +96,9 @@ class WorkerPool:
 
     async def start(self) -> None:
         """Bind the socket and start the workers; returns before they are ready."""
-        self._router.bind(self.address)
+        # A send to a worker that has gone raises instead of vanishing silently.
+        self._channel = AsyncChannel(self.address)
+        self._channel.start()
         self._tasks = [
             asyncio.create_task(self._receive(), name="pool-receive"),
             asyncio.create_task(self._monitor(), name="pool-monitor"),
@@ -192,12 +186,10 @@ class WorkerPool:
         try:
             if worker.state != "ready":
                 raise WorkerLostError(f"worker {worker.id} died before the batch was sent")
-            frames = transport.pack(
-                {"type": "batch", "batch": batch_id, "endpoint": endpoint, "inputs": inputs}
-            )
+            header = {"type": "batch", "batch": batch_id, "endpoint": endpoint, "inputs": inputs}
             try:
-                await self._router.send_multipart([worker.id.encode(), *frames], copy=False)
-            except zmq.ZMQError as exc:
+                await self._channel.send(header, peer=worker.id.encode())
+            except TransportError as exc:
                 # Its socket is gone before the monitor has seen the process
                 # exit: take it out of rotation now, or the retry would pick it
                 # again, and make sure the process ends so it is replaced.
@@ -220,13 +212,13 @@ class WorkerPool:
 
     async def _receive(self) -> None:
         while True:
-            frames = await self._router.recv_multipart(copy=False)
-            identity = frames[0].bytes.decode(errors="replace")
             try:
-                header, tensors = transport.unpack(frames[1:])
+                message = await self._channel.recv()
             except TransportError as exc:
-                logger.warning("dropped a malformed message from %r: %s", identity, exc)
+                logger.warning("dropped a malformed message: %s", exc)
                 continue
+            header, tensors = message
+            identity = message.peer.decode(errors="replace")
             worker = self.workers.get(identity.removesuffix(".hb"))
             if worker is None:
                 continue
@@ -279,6 +271,9 @@ class WorkerPool:
         was_ready = worker.state in ("ready", "unreachable")
         worker.state = "dead"
         del self.workers[worker.id]
+        # Shared memory it was lent, and anything half-sent to it, goes now.
+        for identity in (worker.id, f"{worker.id}.hb"):
+            self._channel.forget(identity.encode())
         for future in worker.batches.values():
             if not future.done():
                 future.set_exception(WorkerLostError(f"worker {worker.id} exited ({code})"))
@@ -315,10 +310,9 @@ class WorkerPool:
         for worker in self.workers.values():
             try:
                 if worker.state != "ready":
-                    raise zmq.ZMQError(zmq.EHOSTUNREACH)
-                frames = [worker.id.encode(), *transport.pack({"type": "stop"})]
-                await self._router.send_multipart(frames)
-            except zmq.ZMQError:
+                    raise TransportError(f"worker {worker.id} is not ready")
+                await self._channel.send({"type": "stop"}, peer=worker.id.encode())
+            except TransportError:
                 # Still in setup, or its socket is gone: it cannot read a stop message.
                 worker.process.terminate()
         deadline = time.monotonic() + timeout_s
@@ -338,8 +332,7 @@ class WorkerPool:
             for future in worker.batches.values():
                 if not future.done():
                     future.set_exception(WorkerLostError("the server is shutting down"))
-        self._router.close(linger=0)
-        self._context.term()
+        await self._channel.close()
         shutil.rmtree(self._directory, ignore_errors=True)
         logger.info("all workers stopped")
 

@@ -6,7 +6,7 @@ A second socket, owned by a heartbeat thread, tells the gateway the process
 is alive while a long batch holds the main thread. The worker exits when the
 gateway says stop or when the gateway process is gone, so it never outlives it.
 
-Messages (all through `quanta.transport`, never pickle):
+Messages (all through a `quanta.transport.Channel`, never pickle):
 
     worker -> gateway   ready {pid, threads}   heartbeat   fatal {error}
                         result {batch, items | layout}   error {batch, error}
@@ -23,11 +23,10 @@ import traceback
 from typing import Any
 
 import numpy as np
-import zmq
 
-from quanta import transport
 from quanta.errors import TransportError, shorten
 from quanta.service import Service, endpoints, instantiate, load_service
+from quanta.transport import Channel, ChannelConfig
 
 __all__ = ["Worker", "pack_outputs", "unpack_outputs"]
 
@@ -89,18 +88,13 @@ class Worker:
         self.service = service
         self.heartbeat_s = heartbeat_s
         self.endpoint_names = set(endpoints(type(service)))
-        self.context = zmq.Context()
         self.stopping = threading.Event()
 
-    def _socket(self, identity: str) -> zmq.Socket:
-        socket = self.context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.ROUTING_ID, identity.encode())
-        socket.setsockopt(zmq.LINGER, 1000)
-        socket.connect(self.address)
-        return socket
+    def _channel(self, identity: str) -> Channel:
+        return Channel.connect(self.address, ChannelConfig(identity=identity.encode()))
 
     def _heartbeat(self) -> None:
-        socket = self._socket(f"{self.worker_id}.hb")
+        channel = self._channel(f"{self.worker_id}.hb")
         parent = os.getppid()
         while not self.stopping.wait(self.heartbeat_s):
             # A gateway killed with SIGKILL cannot say stop: notice the
@@ -108,11 +102,11 @@ class Worker:
             if os.getppid() != parent:
                 logger.error("worker %s: gateway process is gone, exiting", self.worker_id)
                 os._exit(1)
-            transport.send(socket, {"type": "heartbeat"})
-        socket.close(linger=0)
+            channel.send({"type": "heartbeat"})
+        channel.close(linger=0)
 
     def run(self) -> None:
-        socket = self._socket(self.worker_id)
+        channel = self._channel(self.worker_id)
         heartbeat = threading.Thread(target=self._heartbeat, daemon=True, name="heartbeat")
         heartbeat.start()
         started = time.perf_counter()
@@ -120,11 +114,11 @@ class Worker:
             self.service.setup()
         except Exception as exc:
             logger.exception("worker %s: setup() failed", self.worker_id)
-            transport.send(socket, {"type": "fatal", "error": f"setup() failed: {exc!r}"})
-            socket.close(linger=1000)
+            channel.send({"type": "fatal", "error": f"setup() failed: {exc!r}"})
+            channel.close()
             # logged once above; the gateway reports the exit and restarts
             raise SystemExit(1) from None
-        transport.send(socket, {"type": "ready", "pid": os.getpid()})
+        channel.send({"type": "ready", "pid": os.getpid()})
         # the gateway logs the worker's readiness at INFO, as a lifecycle event
         logger.debug(
             "worker %s (pid %d) set up in %.1f s",
@@ -135,30 +129,29 @@ class Worker:
 
         while True:
             try:
-                _, header, _ = transport.recv(socket)
+                header, _ = channel.recv()
             except TransportError as exc:
                 logger.warning("worker %s: dropped a malformed message: %s", self.worker_id, exc)
                 continue
             if header.get("type") == "stop":
                 break
             if header.get("type") == "batch":
-                self._run_batch(socket, header)
+                self._run_batch(channel, header)
         self.stopping.set()
         heartbeat.join()
-        socket.close(linger=1000)
-        self.context.term()
+        channel.close()
         logger.debug("worker %s stopped", self.worker_id)
 
-    def _run_batch(self, socket: zmq.Socket, header: dict) -> None:
+    def _run_batch(self, channel: Channel, header: dict) -> None:
         batch, name, inputs = header.get("batch"), header.get("endpoint"), header.get("inputs")
         if name not in self.endpoint_names or not isinstance(inputs, list):
             error = f"malformed batch for endpoint {shorten(name)}"
-            transport.send(socket, {"type": "error", "batch": batch, "error": error})
+            channel.send({"type": "error", "batch": batch, "error": error})
             return
         try:
             outputs = getattr(self.service, name)(inputs)
             part, tensors = pack_outputs(outputs, len(inputs))
-            transport.send(socket, {"type": "result", "batch": batch, **part}, tensors)
+            channel.send({"type": "result", "batch": batch, **part}, tensors)
         except Exception as exc:
             # The endpoint's own failure: report it for this batch and keep serving.
             logger.error(
@@ -169,7 +162,7 @@ class Worker:
                 traceback.format_exc(),
             )
             error = f"{type(exc).__name__}: {exc}"
-            transport.send(socket, {"type": "error", "batch": batch, "error": error})
+            channel.send({"type": "error", "batch": batch, "error": error})
 
 
 def serve_worker(

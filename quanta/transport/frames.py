@@ -19,6 +19,7 @@ numpy has no bf16.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,14 +29,28 @@ import zmq
 
 from quanta.errors import TransportError, shorten
 
-__all__ = ["ZERO_COPY_THRESHOLD", "MAX_TENSOR_BYTES", "pack", "unpack", "send", "recv"]
+__all__ = [
+    "ZERO_COPY_THRESHOLD",
+    "MAX_TENSOR_BYTES",
+    "BF16",
+    "describe",
+    "itemsize",
+    "check_descriptor",
+    "as_tensor",
+    "encode_header",
+    "decode_header",
+    "pack",
+    "unpack",
+    "send",
+    "recv",
+]
 
 ZERO_COPY_THRESHOLD = 64 * 1024
 # A header cannot make the receiver allocate or view more than this per tensor.
 MAX_TENSOR_BYTES = 1 << 40
 
 # Wire names for dtypes: numpy's little-endian codes, plus bf16 which numpy lacks.
-_BF16 = "bf16"
+BF16 = "bf16"
 _NUMPY_DTYPES = {
     np.dtype(t).str: np.dtype(t)
     for t in (
@@ -55,8 +70,14 @@ _NUMPY_DTYPES = {
 }
 
 
-def _as_wire(name: str, tensor: Any) -> tuple[list, memoryview]:
-    """Return the tensor's descriptor and a contiguous view of its bytes."""
+def describe(name: str, tensor: Any) -> tuple[str, list[int], memoryview]:
+    """Return a tensor's wire dtype, shape and a contiguous byte view of its data.
+
+    No copy is made when the tensor is already C-contiguous and little-endian.
+
+    Raises:
+        TransportError: the value is not a CPU tensor of a dtype that can be sent.
+    """
     if not isinstance(tensor, np.ndarray):
         # Imported lazily: a process that sends only numpy needs no torch.
         import torch
@@ -71,14 +92,57 @@ def _as_wire(name: str, tensor: Any) -> tuple[list, memoryview]:
         tensor = tensor.detach().contiguous()
         if tensor.dtype == torch.bfloat16:
             raw = tensor.view(torch.int16).numpy()
-            return [name, _BF16, list(tensor.shape)], memoryview(raw).cast("B")
+            return BF16, list(tensor.shape), memoryview(raw.reshape(-1)).cast("B")
         tensor = tensor.numpy()
     array = np.ascontiguousarray(tensor)
     dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
     if dtype.str not in _NUMPY_DTYPES:
         raise TransportError(f"tensor {name!r} has dtype {array.dtype}, which cannot be sent")
     array = array.astype(dtype, copy=False)
-    return [name, dtype.str, list(array.shape)], memoryview(array.reshape(-1)).cast("B")
+    return dtype.str, list(array.shape), memoryview(array.reshape(-1)).cast("B")
+
+
+def itemsize(dtype_name: str) -> int:
+    """Bytes per element of a wire dtype name."""
+    return 2 if dtype_name == BF16 else _NUMPY_DTYPES[dtype_name].itemsize
+
+
+def check_descriptor(descriptor: Any, limit: int = MAX_TENSOR_BYTES) -> tuple[str, str, list, int]:
+    """Validate `[name, dtype, shape, ...]` from a peer; return (name, dtype, shape, nbytes).
+
+    Raises:
+        TransportError: the descriptor is malformed or claims more than `limit` bytes.
+    """
+    if not (isinstance(descriptor, Sequence) and len(descriptor) >= 3):
+        raise TransportError(f"malformed tensor descriptor {shorten(descriptor)}")
+    name, dtype_name, shape = descriptor[:3]
+    if not isinstance(name, str) or not isinstance(shape, Sequence) or len(shape) > 64:
+        raise TransportError(f"malformed tensor descriptor {shorten(descriptor)}")
+    if not all(isinstance(n, int) and 0 <= n < 1 << 62 for n in shape):
+        raise TransportError(f"tensor {name!r} has an invalid shape {shorten(shape)}")
+    if dtype_name != BF16 and dtype_name not in _NUMPY_DTYPES:
+        raise TransportError(f"tensor {name!r} has an unknown dtype {shorten(dtype_name)}")
+    nbytes = math.prod(shape) * itemsize(dtype_name)
+    if nbytes > limit:
+        raise TransportError(
+            f"tensor {name!r} claims shape {shorten(shape)} of {dtype_name} ({nbytes} bytes), "
+            f"more than the {limit} bytes a tensor may have"
+        )
+    return name, dtype_name, list(shape), nbytes
+
+
+def as_tensor(dtype_name: str, shape: Sequence[int], buffer: Any) -> Any:
+    """View `buffer` (exactly the tensor's bytes) as an array; bf16 becomes a torch tensor."""
+    if dtype_name == BF16:
+        import torch
+
+        raw = np.frombuffer(buffer, dtype=np.int16).reshape(shape)
+        with warnings.catch_warnings():
+            # A read-only frame makes a read-only tensor; torch warns that it
+            # cannot mark it so. Received tensors are documented as read-only.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(raw).view(torch.bfloat16)
+    return np.frombuffer(buffer, dtype=_NUMPY_DTYPES[dtype_name]).reshape(shape)
 
 
 def pack(header: Mapping[str, Any], tensors: Mapping[str, Any] | None = None) -> list:
@@ -97,47 +161,51 @@ def pack(header: Mapping[str, Any], tensors: Mapping[str, Any] | None = None) ->
     """
     descriptors, buffers = [], []
     for name, tensor in (tensors or {}).items():
-        descriptor, buffer = _as_wire(name, tensor)
-        descriptors.append(descriptor)
+        dtype_name, shape, buffer = describe(name, tensor)
+        descriptors.append([name, dtype_name, shape])
         buffers.append(buffer)
+    return [encode_header({"h": dict(header), "t": descriptors}), *buffers]
+
+
+def encode_header(message: Mapping[str, Any]) -> bytes:
+    """msgpack a header frame.
+
+    Raises:
+        TransportError: a value cannot be encoded.
+    """
     try:
-        head = msgpack.packb({"h": dict(header), "t": descriptors}, use_bin_type=True)
+        return msgpack.packb(message, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
         raise TransportError(f"header cannot be encoded with msgpack: {exc}") from exc
-    return [head, *buffers]
+
+
+def decode_header(frame: Any) -> dict:
+    """Decode a header frame into a dict.
+
+    Raises:
+        TransportError: the frame is not msgpack or not a map.
+    """
+    raw = frame.bytes if isinstance(frame, zmq.Frame) else bytes(frame)
+    try:
+        message = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise TransportError(f"header frame is not valid msgpack: {exc}") from exc
+    if not isinstance(message, dict):
+        raise TransportError(f"header frame is not a map: {shorten(message)}")
+    return message
 
 
 def _tensor_from(descriptor: Any, frame: Any) -> tuple[str, Any]:
-    if not (isinstance(descriptor, Sequence) and len(descriptor) == 3):
-        raise TransportError(f"malformed tensor descriptor {shorten(descriptor)}")
-    name, dtype_name, shape = descriptor
-    if not isinstance(name, str) or not isinstance(shape, Sequence):
-        raise TransportError(f"malformed tensor descriptor {shorten(descriptor)}")
-    if not all(isinstance(n, int) and n >= 0 for n in shape):
-        raise TransportError(f"tensor {name!r} has an invalid shape {shorten(shape)}")
-    if dtype_name == _BF16:
-        itemsize = 2
-    elif dtype_name in _NUMPY_DTYPES:
-        itemsize = _NUMPY_DTYPES[dtype_name].itemsize
-    else:
-        raise TransportError(f"tensor {name!r} has an unknown dtype {shorten(dtype_name)}")
-
+    name, dtype_name, shape, nbytes = check_descriptor(descriptor)
     # Check the claimed size against the bytes that actually arrived before
     # making anything of them: a header must not be able to claim memory.
-    nbytes = math.prod(shape) * itemsize
     buffer = frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame)
-    if nbytes > MAX_TENSOR_BYTES or nbytes != buffer.nbytes:
+    if nbytes != buffer.nbytes:
         raise TransportError(
             f"tensor {name!r} claims shape {shorten(shape)} of {dtype_name} "
             f"({nbytes} bytes) but its frame holds {buffer.nbytes} bytes"
         )
-
-    if dtype_name == _BF16:
-        import torch
-
-        raw = np.frombuffer(buffer, dtype=np.int16).reshape(shape)
-        return name, torch.from_numpy(raw.copy()).view(torch.bfloat16)
-    return name, np.frombuffer(buffer, dtype=_NUMPY_DTYPES[dtype_name]).reshape(shape)
+    return name, as_tensor(dtype_name, shape, buffer)
 
 
 def unpack(frames: Sequence[Any]) -> tuple[dict, dict[str, Any]]:
@@ -148,13 +216,8 @@ def unpack(frames: Sequence[Any]) -> tuple[dict, dict[str, Any]]:
     """
     if not frames:
         raise TransportError("empty message: expected a header frame")
-    head = frames[0]
-    raw = head.bytes if isinstance(head, zmq.Frame) else bytes(head)
-    try:
-        message = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise TransportError(f"header frame is not valid msgpack: {exc}") from exc
-    if not (isinstance(message, dict) and isinstance(message.get("h"), dict)):
+    message = decode_header(frames[0])
+    if not isinstance(message.get("h"), dict):
         raise TransportError(f"header frame has no header dict: {shorten(message)}")
     descriptors = message.get("t")
     if not isinstance(descriptors, list) or len(descriptors) != len(frames) - 1:

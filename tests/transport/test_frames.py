@@ -92,7 +92,7 @@ def _frames(descriptors, *payloads):
     [
         ([], "empty message"),
         ([b"\xc1not msgpack"], "not valid msgpack"),
-        ([msgpack.packb([1, 2])], "no header dict"),
+        ([msgpack.packb([1, 2])], "not a map"),
         (_frames([["x", "<f4", [2]]]), "tensors but 0 frames"),
         (_frames([["x", "<f4", [4]]], b"\x00" * 8), "frame holds 8 bytes"),
         (_frames([["x", "complex", [1]]], b"\x00" * 8), "unknown dtype"),
