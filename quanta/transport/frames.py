@@ -118,9 +118,9 @@ def check_descriptor(descriptor: Any, limit: int = MAX_TENSOR_BYTES) -> tuple[st
     name, dtype_name, shape = descriptor[:3]
     if not isinstance(name, str) or not isinstance(shape, Sequence) or len(shape) > 64:
         raise TransportError(f"malformed tensor descriptor {shorten(descriptor)}")
-    if not all(isinstance(n, int) and 0 <= n < 1 << 62 for n in shape):
+    if not all(type(n) is int and 0 <= n < 1 << 62 for n in shape):
         raise TransportError(f"tensor {name!r} has an invalid shape {shorten(shape)}")
-    if dtype_name != BF16 and dtype_name not in _NUMPY_DTYPES:
+    if not isinstance(dtype_name, str) or (dtype_name != BF16 and dtype_name not in _NUMPY_DTYPES):
         raise TransportError(f"tensor {name!r} has an unknown dtype {shorten(dtype_name)}")
     nbytes = math.prod(shape) * itemsize(dtype_name)
     if nbytes > limit:

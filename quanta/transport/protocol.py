@@ -40,6 +40,7 @@ import numpy as np
 
 from quanta.errors import TransportError, shorten
 from quanta.transport import codecs, frames, shards, shm
+from quanta.transport.auto import AutoCodec
 
 __all__ = ["ACK_MIN_BYTES", "Message", "Outgoing", "Engine"]
 
@@ -125,7 +126,7 @@ class Engine:
         # "auto" chooses per shard; any other codec is used as it is.
         self.codec = None
         if config.codec == "auto":
-            self.codec = codecs.AutoCodec(link_bytes_per_s=config.link_bytes_per_s)
+            self.codec = AutoCodec(link_bytes_per_s=config.link_bytes_per_s)
         # What went out and came in, by kind: for tests, logs and benchmarks.
         self.stats: Counter[str] = Counter()
         self._ids = itertools.count(1)
@@ -133,6 +134,7 @@ class Engine:
         self._in_flight: dict[bytes | None, int] = {}
         self._incoming: dict[tuple[bytes | None, int], _Incoming] = {}
         self._early: dict[tuple[bytes | None, int], list] = {}
+        self._early_at: dict[tuple[bytes | None, int], float] = {}
         self._pool = shm.SegmentPool(max_free_bytes=config.max_in_flight)
         self._segment_peer: dict[str, bytes | None] = {}
         self._cache = shm.SegmentCache(self._on_release)
@@ -261,6 +263,9 @@ class Engine:
             raise TransportError("empty message: expected a header frame")
         head = frames.decode_header(parts[0])
         kind = head.get("k")
+        # Ids and kinds key dicts: a list or map from a peer must not reach them.
+        if not isinstance(kind, str) or not isinstance(head.get("id", 0), int):
+            raise TransportError(f"message kind or id is malformed: {shorten(head)}")
         if kind == "m":
             return self._message(peer, head, parts[1:])
         if kind == "s":
@@ -317,6 +322,7 @@ class Engine:
         if not assemblies:
             return self._complete(incoming)
         self._incoming[(peer, message_id)] = incoming
+        self._early_at.pop((peer, message_id), None)
         for early in self._early.pop((peer, message_id), []):
             done = self._shard_arrived(peer, *early)
             if done is not None:
@@ -338,7 +344,12 @@ class Engine:
             return frames.as_tensor(dtype_name, shape, buffer)
         if codec not in codecs.CODECS:
             raise TransportError(f"tensor {name!r} has unknown codec {shorten(codec)}")
-        out = np.empty(nbytes, dtype=np.uint8)
+        try:
+            out = np.empty(nbytes, dtype=np.uint8)
+        except MemoryError as exc:
+            raise TransportError(
+                f"tensor {name!r} of {nbytes} bytes does not fit in memory"
+            ) from exc
         codecs.decompress_into(codec, buffer, memoryview(out))
         return frames.as_tensor(dtype_name, shape, out)
 
@@ -347,7 +358,8 @@ class Engine:
         # used length is the end of the last one.
         end = 0
         for descriptor in descriptors:
-            place = descriptor[3] if len(descriptor) > 3 else None
+            # Not yet checked: those after the first shared one come later.
+            place = descriptor[3] if isinstance(descriptor, list) and len(descriptor) > 3 else None
             if isinstance(place, list) and place[:1] == ["m"] and len(place) == 2:
                 nbytes = frames.check_descriptor(descriptor, self.config.max_tensor_bytes)[3]
                 if isinstance(place[1], int) and place[1] >= 0:
@@ -364,6 +376,7 @@ class Engine:
             # it; hold a few until it arrives. Stray ones are dropped and, if
             # they belonged to something, asked for again later.
             early = self._early.setdefault(key, [])
+            self._early_at.setdefault(key, time.monotonic())
             if len(self._early) <= 64 and len(early) < 4096:
                 early.append((head, payloads))
             return None
@@ -431,6 +444,10 @@ class Engine:
                 for index, (assembly, *_) in incoming.assemblies.items():
                     if assembly.missing:
                         self._ask_again(incoming, index, sorted(assembly.missing))
+        # Shards whose message has not come within timeout_s are strays.
+        for key in [k for k, at in self._early_at.items() if now - at > self.config.timeout_s]:
+            self._early.pop(key, None)
+            del self._early_at[key]
         self._early = {k: v for k, v in self._early.items() if k in self._incoming or len(v)}
 
     # -- control messages ----------------------------------------------------
@@ -483,7 +500,8 @@ class Engine:
     def _on_ask(self, peer, head: dict) -> None:
         record = self._sent.get((peer, head.get("id")))
         index, wanted = head.get("i"), head.get("j")
-        if record is None or index not in record.sources or not isinstance(wanted, list):
+        known = record is not None and isinstance(index, int) and index in record.sources
+        if not known or not isinstance(wanted, list):
             error = "the sender no longer holds this message"
             reply = {"k": "e", "id": head.get("id"), "error": error}
             self.outbox.append(Outgoing(peer, [frames.encode_header(reply)]))

@@ -39,8 +39,8 @@ class Assembly:
     """One sharded tensor being received: its buffer and which shards are in."""
 
     def __init__(self, name: str, nbytes: int, size: int, count: int):
-        expected = -(-nbytes // size) if size > 0 else -1
-        if size <= 0 or count != expected:
+        whole = type(size) is int and type(count) is int and size > 0 and count > 0
+        if not whole or count != -(-nbytes // size):
             raise TransportError(
                 f"tensor {name!r} of {nbytes} bytes cannot have {shorten(count)} shards of "
                 f"{shorten(size)} bytes"

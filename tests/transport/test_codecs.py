@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from quanta.errors import ConfigError, TransportError
+from quanta.transport.auto import AutoCodec
 from quanta.transport.codecs import (
     CODECS,
-    AutoCodec,
     check_codec,
     compress,
     decompress_into,
