@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-BENCHMARKS = {"serve": "quanta.bench.serve"}
+BENCHMARKS = {"serve": "quanta.bench.serve", "transport": "quanta.bench.transport"}
 
 
 def main() -> int:

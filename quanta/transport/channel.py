@@ -244,22 +244,29 @@ class Channel(_Base):
         self._trackers: list[zmq.MessageTracker] = []
         self._sockets: list[zmq.Socket] = []
         identity = self.config.identity or secrets.token_hex(8).encode()
-        for lane in range(streams):
-            socket = self._context.socket(zmq.ROUTER if bound else zmq.DEALER)
-            socket.setsockopt(zmq.LINGER, 1000)
-            socket.copy_threshold = frames.ZERO_COPY_THRESHOLD
-            self._secure(self._context, socket, endpoint)
-            if bound:
-                # A send to a peer that has gone raises instead of vanishing.
-                socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-                socket.bind(endpoint)
-            else:
-                suffix = b"" if lane == 0 else b"#%d" % lane
-                socket.setsockopt(zmq.ROUTING_ID, identity + suffix)
-                socket.connect(endpoint)
-                if lane:
-                    socket.send(frames.encode_header({"k": "l"}))
-            self._sockets.append(socket)
+        try:
+            for lane in range(streams):
+                socket = self._context.socket(zmq.ROUTER if bound else zmq.DEALER)
+                socket.setsockopt(zmq.LINGER, 1000)
+                socket.copy_threshold = frames.ZERO_COPY_THRESHOLD
+                self._secure(self._context, socket, endpoint)
+                if bound:
+                    # A send to a peer that has gone raises instead of vanishing.
+                    socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+                    socket.bind(endpoint)
+                else:
+                    suffix = b"" if lane == 0 else b"#%d" % lane
+                    socket.setsockopt(zmq.ROUTING_ID, identity + suffix)
+                    socket.connect(endpoint)
+                    if lane:
+                        socket.send(frames.encode_header({"k": "l"}))
+                self._sockets.append(socket)
+        except BaseException:
+            # A constructor that fails leaves nothing open behind it.
+            if self._auth is not None:
+                self._auth.stop()
+            self._context.destroy(linger=0)
+            raise
         self._endpoint = self._sockets[0].getsockopt_string(zmq.LAST_ENDPOINT) or endpoint
         self._poller = zmq.Poller()
         for socket in self._sockets:
@@ -319,8 +326,10 @@ class Channel(_Base):
             if outstanding < last:  # progress: the timeout counts from here
                 waited_since, last = now, outstanding
             if now - waited_since > self.config.timeout_s:
+                # A connecting channel's one peer is known by its endpoint, not an identity.
+                peer = item.peer if self.bound else self.endpoint
                 raise TransportError(
-                    f"peer {item.peer!r} has not taken {outstanding} bytes in "
+                    f"peer {peer!r} has not taken {outstanding} bytes in "
                     f"{self.config.timeout_s:.1f} s; it is gone or not receiving"
                 )
             self._flush()
@@ -405,8 +414,14 @@ class AsyncChannel(_Base):
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._socket.copy_threshold = frames.ZERO_COPY_THRESHOLD
-        self._secure(self._context, self._socket, endpoint)
-        self._socket.bind(endpoint)
+        try:
+            self._secure(self._context, self._socket, endpoint)
+            self._socket.bind(endpoint)
+        except BaseException:
+            if self._auth is not None:
+                self._auth.stop()
+            self._context.destroy(linger=0)
+            raise
         self._endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT) or endpoint
         self._arrived = asyncio.Event()
         self._progress = asyncio.Event()

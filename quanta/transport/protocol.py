@@ -50,6 +50,8 @@ ACK_MIN_BYTES = 64 * 1024
 # Shards already sent whose receiver may report them at once: a report every
 # this many bytes keeps the sender's view of the link fresh.
 _REPORT_FRACTION = 8
+# The shortest span of progress reports that measures the link's throughput.
+_LINK_WINDOW_S = 0.1
 
 
 class Message:
@@ -135,7 +137,7 @@ class Engine:
         self._incoming: dict[tuple[bytes | None, int], _Incoming] = {}
         self._early: dict[tuple[bytes | None, int], list] = {}
         self._early_at: dict[tuple[bytes | None, int], float] = {}
-        self._pool = shm.SegmentPool(max_free_bytes=config.max_in_flight)
+        self._pool = shm.SegmentPool(max_free_bytes=config.max_shm_bytes)
         self._segment_peer: dict[str, bytes | None] = {}
         self._cache = shm.SegmentCache(self._on_release)
         self._lease_peer: dict[str, bytes | None] = {}
@@ -297,6 +299,10 @@ class Engine:
             if kind == "f":
                 tensors[name] = self._inline(name, dtype_name, shape, nbytes, place, inline)
             elif kind == "m":
+                if self.sharded:
+                    # A peer on another host cannot share our memory: naming a
+                    # segment here would map whatever of ours has that name.
+                    raise TransportError(f"tensor {name!r} names shared memory across hosts")
                 if owner is None:
                     owner = self._lease(peer, head.get("seg"), descriptors)
                 offset = place[1] if len(place) > 1 and isinstance(place[1], int) else -1
@@ -341,7 +347,8 @@ class Engine:
                     f"tensor {name!r} claims shape {shorten(shape)} of {dtype_name} "
                     f"({nbytes} bytes) but its frame holds {buffer.nbytes} bytes"
                 )
-            return frames.as_tensor(dtype_name, shape, buffer)
+            # pyzmq's frame buffers are writable; received arrays are documented read-only.
+            return frames.as_tensor(dtype_name, shape, buffer.toreadonly())
         if codec not in codecs.CODECS:
             raise TransportError(f"tensor {name!r} has unknown codec {shorten(codec)}")
         try:
@@ -459,11 +466,15 @@ class Engine:
         if record is None or not isinstance(wire, int):
             return
         now = time.monotonic()
-        if self.codec is not None and record.last_report is not None:
+        if record.last_report is None:
+            record.last_report = (now, wire)
+        elif now - record.last_report[0] >= _LINK_WINDOW_S:
+            # Reports come in bursts (the receiver drains several shards at
+            # once), so the link is measured over windows, not between reports.
             seconds, before = now - record.last_report[0], record.last_report[1]
-            if wire > before and seconds > 0:
+            if self.codec is not None and wire > before:
                 self.codec.observe_link(wire - before, seconds)
-        record.last_report = (now, wire)
+            record.last_report = (now, wire)
         newly = max(0, min(wire, record.wire) - record.acked)
         record.acked += newly
         self._in_flight[peer] = max(0, self._in_flight.get(peer, 0) - newly)
