@@ -132,11 +132,27 @@ class Sent:
 def _link(endpoint: str) -> tuple[bool, bool]:
     """(same host, crosses hosts) for an endpoint."""
     scheme = endpoint.split("://", 1)[0]
-    if scheme in ("ipc", "inproc"):
+    if scheme == "ipc":
         return True, False
     if scheme == "tcp":
         return False, True
-    raise ConfigError(f"endpoint {endpoint!r}: use ipc://PATH, inproc://NAME or tcp://HOST:PORT")
+    if scheme == "inproc":
+        # inproc:// joins sockets of one ZeroMQ context, and each Channel has its own.
+        raise ConfigError(
+            f"endpoint {endpoint!r}: inproc:// cannot join two channels; "
+            "use ipc://PATH between threads or processes of one host"
+        )
+    raise ConfigError(f"endpoint {endpoint!r}: use ipc://PATH or tcp://HOST:PORT")
+
+
+def _bind(socket: zmq.Socket, endpoint: str) -> None:
+    try:
+        socket.bind(endpoint)
+    except zmq.ZMQError as exc:
+        raise TransportError(
+            f"cannot bind {endpoint!r}: {exc.strerror}; choose another address "
+            "(port 0 picks a free one) or stop what holds it"
+        ) from exc
 
 
 class _Base:
@@ -253,7 +269,7 @@ class Channel(_Base):
                 if bound:
                     # A send to a peer that has gone raises instead of vanishing.
                     socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-                    socket.bind(endpoint)
+                    _bind(socket, endpoint)
                 else:
                     suffix = b"" if lane == 0 else b"#%d" % lane
                     socket.setsockopt(zmq.ROUTING_ID, identity + suffix)
@@ -416,7 +432,7 @@ class AsyncChannel(_Base):
         self._socket.copy_threshold = frames.ZERO_COPY_THRESHOLD
         try:
             self._secure(self._context, self._socket, endpoint)
-            self._socket.bind(endpoint)
+            _bind(self._socket, endpoint)
         except BaseException:
             if self._auth is not None:
                 self._auth.stop()

@@ -137,6 +137,7 @@ class Engine:
         self._incoming: dict[tuple[bytes | None, int], _Incoming] = {}
         self._early: dict[tuple[bytes | None, int], list] = {}
         self._early_at: dict[tuple[bytes | None, int], float] = {}
+        self._early_bytes = 0
         self._pool = shm.SegmentPool(max_free_bytes=config.max_shm_bytes)
         self._segment_peer: dict[str, bytes | None] = {}
         self._cache = shm.SegmentCache(self._on_release)
@@ -320,16 +321,16 @@ class Engine:
             raise TransportError(f"message has more frames than its {len(descriptors)} tensors")
 
         incoming = _Incoming(peer, message_id, header, tensors, assemblies, bool(head.get("ack")))
-        incoming.wire = sum(
-            memoryview(p).nbytes if not isinstance(p, bytes) else len(p) for p in payloads
-        )
+        incoming.wire = _nbytes(payloads)
         if owner is not None:
             incoming.wire += owner.nbytes
         if not assemblies:
             return self._complete(incoming)
         self._incoming[(peer, message_id)] = incoming
         self._early_at.pop((peer, message_id), None)
-        for early in self._early.pop((peer, message_id), []):
+        held = self._early.pop((peer, message_id), [])
+        self._early_bytes -= sum(_nbytes(early[1]) for early in held)
+        for early in held:
             done = self._shard_arrived(peer, *early)
             if done is not None:
                 return done
@@ -380,12 +381,14 @@ class Engine:
         incoming = self._incoming.get(key)
         if incoming is None:
             # Shards travel on other streams than their message and can overtake
-            # it; hold a few until it arrives. Stray ones are dropped and, if
-            # they belonged to something, asked for again later.
-            early = self._early.setdefault(key, [])
-            self._early_at.setdefault(key, time.monotonic())
-            if len(self._early) <= 64 and len(early) < 4096:
-                early.append((head, payloads))
+            # it; hold up to max_in_flight bytes of them (what an honest sender
+            # can have outstanding) until it arrives. Stray ones are dropped
+            # and, if they belonged to something, asked for again later.
+            size = _nbytes(payloads)
+            if self._early_bytes + size <= self.config.max_in_flight:
+                self._early.setdefault(key, []).append((head, payloads))
+                self._early_at.setdefault(key, time.monotonic())
+                self._early_bytes += size
             return None
         if len(payloads) != 1 or not isinstance(head.get("i"), int):
             raise TransportError(f"malformed shard {shorten(head)}")
@@ -453,9 +456,8 @@ class Engine:
                         self._ask_again(incoming, index, sorted(assembly.missing))
         # Shards whose message has not come within timeout_s are strays.
         for key in [k for k, at in self._early_at.items() if now - at > self.config.timeout_s]:
-            self._early.pop(key, None)
+            self._early_bytes -= sum(_nbytes(early[1]) for early in self._early.pop(key, []))
             del self._early_at[key]
-        self._early = {k: v for k, v in self._early.items() if k in self._incoming or len(v)}
 
     # -- control messages ----------------------------------------------------
 
@@ -563,3 +565,7 @@ _CONTROL = {
     "e": Engine._on_cannot,
     "l": lambda self, peer, head: None,
 }
+
+
+def _nbytes(payloads: list) -> int:
+    return sum(len(p) if isinstance(p, bytes) else memoryview(p).nbytes for p in payloads)

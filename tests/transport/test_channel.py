@@ -11,7 +11,6 @@ import weakref
 import numpy as np
 import pytest
 import torch
-import zmq
 
 from quanta.errors import ConfigError, TransportError
 from quanta.transport import Channel, ChannelConfig
@@ -220,10 +219,15 @@ def test_unknown_endpoint_scheme_is_a_config_error():
         Channel.bind("udp://127.0.0.1:5")
 
 
+def test_inproc_is_refused_with_the_endpoint_to_use_instead():
+    with pytest.raises(ConfigError, match="inproc://x.*use ipc://PATH"):
+        Channel.bind("inproc://x")
+
+
 def test_channel_that_fails_to_bind_leaves_no_socket_open():
     with Channel.bind("tcp://127.0.0.1:0") as taken, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with pytest.raises(zmq.ZMQError, match="in use"):
+        with pytest.raises(TransportError, match=f"cannot bind '{taken.endpoint}'.*in use"):
             Channel.bind(taken.endpoint)
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]

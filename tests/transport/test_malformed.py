@@ -331,6 +331,24 @@ def test_segment_named_across_hosts_is_refused_and_left_alone():
         pool.close()
 
 
+def test_early_shards_are_held_only_up_to_max_in_flight_bytes():
+    engine = Engine(CONFIG, use_shm=False, sharded=True)
+    held = []
+    try:
+        # Twice max_in_flight in shards of messages that never come.
+        for message_id in range(2 * CONFIG.max_in_flight // (1 << 18)):
+            payload = np.ones(1 << 18, dtype=np.uint8)
+            held.append(weakref.ref(payload))
+            head = {"k": "s", "id": message_id, "i": 0, "j": 0, "c": "none", "x": 0}
+            engine.receive(PEER, [frames.encode_header(head), payload])
+            del payload
+        gc.collect()
+        kept = sum(ref() is not None for ref in held)
+        assert kept * (1 << 18) == CONFIG.max_in_flight
+    finally:
+        engine.close()
+
+
 def test_huge_claims_raise_transport_error_without_allocating():
     engine = Engine(ChannelConfig(), use_shm=False, sharded=True)
     claims = [
