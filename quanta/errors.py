@@ -9,6 +9,7 @@ the matching built-in type, so `except ValueError` keeps working:
      ├── ServiceError                 a Service class that breaks the contract
      │    └── ServiceLoadError        `module:Class` or `file.py:Class` cannot be loaded
      ├── ModelError                   model files missing or unreadable
+     ├── OptimizeError                a model quanta cannot optimize, or a budget no recipe meets
      ├── TransportError               a malformed or undeliverable message
      └── ServingError                 a request the server could not complete
           ├── WorkerLostError         the worker died and the batch could not be retried
@@ -25,6 +26,7 @@ __all__ = [
     "ServiceError",
     "ServiceLoadError",
     "ModelError",
+    "OptimizeError",
     "TransportError",
     "ServingError",
     "WorkerLostError",
@@ -57,6 +59,10 @@ class ServiceLoadError(ServiceError):
 
 class ModelError(QuantaError):
     """Model files are missing, incomplete or unreadable."""
+
+
+class OptimizeError(QuantaError):
+    """A model cannot be optimized as asked: nothing to change, or no way to meet the budget."""
 
 
 class TransportError(QuantaError):

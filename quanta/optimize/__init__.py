@@ -1,0 +1,1 @@
+"""Model optimization: quantization, pruning and low-rank factorization, each measured."""
