@@ -4,11 +4,18 @@ Written out, rather than taken from `transformers`, so that every matrix
 product is a plain `nn.Linear` that the optimizer can quantize, prune or
 factorize, and so that a worker starts without importing `transformers`.
 The weights and the arithmetic are those of `transformers.BertModel`.
+
+A block may be narrower than its config: pruning removes attention heads and
+feed-forward neurons per layer. `BertEncoder.shapes()` records the width of
+every block, and `BertEncoder(config, shapes=...)` builds empty blocks of those
+widths, so that a pruned model can be saved as config, shapes and weights and
+rebuilt with `load_state_dict`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from quanta.errors import ModelError
+from quanta.errors import ConfigError, ModelError, shorten
 
 __all__ = ["BertConfig", "BertEncoder", "load_bert"]
 
@@ -45,26 +52,56 @@ class BertConfig:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: BertConfig):
+    """Multi-head self-attention with one fused product for queries, keys and values.
+
+    The head size comes from the config; the number of heads may be smaller
+    than the config's once `keep_heads_` has removed some.
+    """
+
+    def __init__(self, config: BertConfig, n_head: int | None = None):
         super().__init__()
-        self.n_head = config.num_attention_heads
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.head_size = config.hidden_size // config.num_attention_heads
+        self.n_head = config.num_attention_heads if n_head is None else n_head
+        inner = self.n_head * self.head_size
+        self.qkv = nn.Linear(config.hidden_size, 3 * inner)
+        self.proj = nn.Linear(inner, config.hidden_size)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
+        inner = self.n_head * self.head_size
         # one product for queries, keys and values, then split into heads
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.qkv(x).split(inner, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_size).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(y.transpose(1, 2).reshape(B, T, inner))
+
+    @torch.no_grad()
+    def keep_heads_(self, heads: Sequence[int]) -> None:
+        """Keep only the given heads, in place: their rows of `qkv`, their columns of `proj`.
+
+        Raises:
+            ConfigError: `heads` is empty or names a head this layer does not have.
+        """
+        heads = sorted(set(heads))
+        if not heads or heads[0] < 0 or heads[-1] >= self.n_head:
+            raise ConfigError(
+                f"heads {shorten(heads)} must be a non-empty subset of 0..{self.n_head - 1}"
+            )
+        hs, inner = self.head_size, self.n_head * self.head_size
+        cols = torch.cat([torch.arange(h * hs, (h + 1) * hs) for h in heads])
+        # qkv stacks all query rows, then all key rows, then all value rows
+        rows = torch.cat([cols + part * inner for part in range(3)])
+        self.qkv = _select(self.qkv, rows=rows)
+        self.proj = _select(self.proj, cols=cols)
+        self.n_head = len(heads)
 
 
 class FeedForward(nn.Module):
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, intermediate_size: int | None = None):
         super().__init__()
-        self.fc = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.proj = nn.Linear(config.intermediate_size, config.hidden_size)
+        width = config.intermediate_size if intermediate_size is None else intermediate_size
+        self.fc = nn.Linear(config.hidden_size, width)
+        self.proj = nn.Linear(width, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(x)))
@@ -73,11 +110,13 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """One encoder layer; BERT normalizes after each residual sum (post-LN)."""
 
-    def __init__(self, config: BertConfig):
+    def __init__(
+        self, config: BertConfig, n_head: int | None = None, intermediate_size: int | None = None
+    ):
         super().__init__()
-        self.attn = SelfAttention(config)
+        self.attn = SelfAttention(config, n_head)
         self.ln_attn = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = FeedForward(config)
+        self.mlp = FeedForward(config, intermediate_size)
         self.ln_mlp = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -85,10 +124,41 @@ class Block(nn.Module):
         return self.ln_mlp(x + self.mlp(x))
 
 
-class BertEncoder(nn.Module):
-    """Token ids in, one hidden state per token out: (B, T) -> (B, T, C)."""
+@torch.no_grad()
+def _select(linear: nn.Linear, *, rows=None, cols=None) -> nn.Linear:
+    """A new Linear holding only the given output rows or input columns of `linear`."""
+    weight, bias = linear.weight, linear.bias
+    if rows is not None:
+        weight, bias = weight[rows], None if bias is None else bias[rows]
+    if cols is not None:
+        weight = weight[:, cols]
+    out = nn.Linear(
+        weight.shape[1],
+        weight.shape[0],
+        bias=bias is not None,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    out.weight.copy_(weight)
+    if bias is not None:
+        out.bias.copy_(bias)
+    return out
 
-    def __init__(self, config: BertConfig):
+
+class BertEncoder(nn.Module):
+    """Token ids in, one hidden state per token out: (B, T) -> (B, T, C).
+
+    Args:
+        config: the architecture as read from config.json.
+        shapes: the width of each block when it differs from the config, as
+            returned by `shapes()` of a pruned encoder: `{"n_head": [...],
+            "intermediate_size": [...]}`, one entry per block.
+
+    Raises:
+        ConfigError: `shapes` does not describe one valid width per block.
+    """
+
+    def __init__(self, config: BertConfig, shapes: dict[str, list[int]] | None = None):
         super().__init__()
         self.config = config
         C = config.hidden_size
@@ -96,7 +166,20 @@ class BertEncoder(nn.Module):
         self.wpe = nn.Embedding(config.max_position_embeddings, C)
         self.wtt = nn.Embedding(config.type_vocab_size, C)
         self.ln_emb = nn.LayerNorm(C, eps=config.layer_norm_eps)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        widths = _check_shapes(shapes, config)
+        self.blocks = nn.ModuleList(Block(config, *width) for width in widths)
+
+    def shapes(self) -> dict[str, list[int]]:
+        """The width of every block: heads kept and feed-forward neurons kept.
+
+        Example:
+            >>> rebuilt = BertEncoder(pruned.config, shapes=pruned.shapes())
+            >>> rebuilt.load_state_dict(pruned.state_dict())
+        """
+        return {
+            "n_head": [block.attn.n_head for block in self.blocks],
+            "intermediate_size": [block.mlp.fc.out_features for block in self.blocks],
+        }
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         B, T = input_ids.shape
@@ -109,6 +192,30 @@ class BertEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, mask)
         return x
+
+
+def _check_shapes(shapes: dict[str, list[int]] | None, config: BertConfig) -> list[tuple[int, int]]:
+    """One (n_head, intermediate_size) per block, checked against the config."""
+    layers = config.num_hidden_layers
+    if shapes is None:
+        return [(config.num_attention_heads, config.intermediate_size)] * layers
+    heads, widths = shapes.get("n_head"), shapes.get("intermediate_size")
+    if not isinstance(heads, list | tuple) or not isinstance(widths, list | tuple):
+        raise ConfigError(
+            f"shapes {shorten(shapes)} must map 'n_head' and 'intermediate_size' to lists; "
+            "pass the dict that BertEncoder.shapes() returns"
+        )
+    if len(heads) != layers or len(widths) != layers:
+        raise ConfigError(
+            f"shapes {shorten(shapes)} must give {layers} widths for each key, one per block"
+        )
+    for n_head, width in zip(heads, widths, strict=True):
+        if not 0 < n_head <= config.num_attention_heads or width < 1:
+            raise ConfigError(
+                f"shapes {shorten(shapes)} has a block with {n_head} heads and {width} neurons; "
+                f"a block keeps 1 to {config.num_attention_heads} heads and at least 1 neuron"
+            )
+    return list(zip(heads, widths, strict=True))
 
 
 def _rename(state: dict[str, torch.Tensor], config: BertConfig) -> dict[str, torch.Tensor]:

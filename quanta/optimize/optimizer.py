@@ -1,0 +1,269 @@
+"""The optimizer: apply a recipe's steps, keeping each change only inside the budget.
+
+    result = optimize(model, "int8", task, max_loss=0.005)
+    result.model, result.decisions, result.quality
+
+Every change is judged by the task on held-out data against the original
+model, and a precision is chosen per layer by measurement: a layer goes to
+int8 only where `torch._int_mm` beats bf16 on the shapes the calibration data
+gives it, and only while the whole model stays within the budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from quanta import hardware
+from quanta.errors import ConfigError, OptimizeError, shorten
+from quanta.optimize import quantize
+from quanta.optimize.recipe import Recipe, parse_recipe
+from quanta.optimize.report import Decision
+from quanta.optimize.tasks import Quality
+
+__all__ = ["Optimized", "optimize", "linear_layers"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Optimized:
+    """An optimized model, what was decided on the way, and its quality."""
+
+    model: nn.Module
+    recipe: Recipe
+    max_loss: float
+    quality: Quality
+    decisions: list[Decision] = field(default_factory=list)
+    dtype: torch.dtype = torch.float32
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every `nn.Linear` of the model by its name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _activations(model: nn.Module, task: Any, names: list[str]) -> dict[str, tuple[Any, int]]:
+    """Per layer: the absmax of each input channel over the calibration data, and rows seen."""
+    stats: dict[str, tuple[Any, int]] = {}
+
+    def hook(name: str) -> Callable:
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            absmax = x.abs().amax(dim=0)
+            before = stats.get(name)
+            rows = max(x.shape[0], before[1]) if before else x.shape[0]
+            stats[name] = (torch.maximum(before[0], absmax) if before else absmax, rows)
+
+        return record
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        for batch in task.calibration:
+            task.forward(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def optimize(
+    model: nn.Module,
+    recipe: str | Recipe,
+    task: Any,
+    *,
+    max_loss: float = 0.005,
+    time_budget_s: float | None = None,
+) -> Optimized:
+    """Apply `recipe` to a copy of `model`, keeping changes within `max_loss`.
+
+    Args:
+        model: any module whose work is in `nn.Linear` layers; it is not modified.
+        recipe: a recipe name (`int8`, `prune+int8`, ...) or a `Recipe`.
+        task: an `EmbeddingTask` or `TensorTask` with calibration and evaluation data.
+        max_loss: the largest quality drop allowed against the original.
+        time_budget_s: seconds a recovery fine-tune after pruning may take.
+
+    Returns:
+        An `Optimized` with the new model, every decision and the final quality.
+
+    Raises:
+        OptimizeError: the model has no `nn.Linear`, or no change fits the budget.
+        ConfigError: an unknown recipe or a negative budget.
+    """
+    recipe = parse_recipe(recipe) if isinstance(recipe, str) else recipe
+    if not isinstance(max_loss, int | float) or max_loss < 0:
+        raise ConfigError(f"max_loss {shorten(max_loss)} must be a number >= 0, e.g. 0.005")
+    if not linear_layers(model):
+        raise OptimizeError(
+            f"{type(model).__name__} has no nn.Linear layer: quanta optimizes the matrix "
+            "products of nn.Linear, so there is nothing to change"
+        )
+
+    original = model.eval()
+    task.prepare(original)
+    candidate = copy.deepcopy(original)
+    result = Optimized(candidate, recipe, max_loss, task.evaluate(candidate))
+    for step in recipe.steps:
+        budget = max_loss * step.share
+        logger.info("step %s: budget %.4f", step.kind, budget)
+        _STEPS[step.kind](result, task, budget, time_budget_s)
+    result.quality = task.evaluate(result.model)
+    _check_changed(result)
+    return result
+
+
+def _check_changed(result: Optimized) -> None:
+    """A recipe that kept nothing failed the user: say which layers were most sensitive."""
+    if any(d.kept for d in result.decisions):
+        return
+    tried = sorted((d for d in result.decisions if d.loss is not None), key=lambda d: -d.loss)
+    worst = ", ".join(f"{d.layer} ({d.change}: loss {d.loss:.4f})" for d in tried[:5])
+    best = min((d.loss for d in tried), default=None)
+    raise OptimizeError(
+        f"no change of recipe {result.recipe.name!r} fits max_loss {result.max_loss}; "
+        f"the smallest loss of one change was {best if best is None else round(best, 5)}; "
+        f"most sensitive layers: {worst or 'none measured'}. Allow a larger --max-loss "
+        "or choose a gentler recipe (bf16)"
+    )
+
+
+# -- precision steps -------------------------------------------------------------
+
+
+def _bf16(result: Optimized, task: Any, budget: float, _time: float | None) -> bool:
+    """The whole model in bf16, where the CPU computes it natively and it fits the budget."""
+    if not hardware.detect().native_bf16 and not torch.cuda.is_available():
+        result.decisions.append(
+            Decision("*", "bf16", False, "this CPU has neither AMX nor AVX512-BF16: bf16 is slow")
+        )
+        return False
+    trial = copy.deepcopy(result.model).to(torch.bfloat16)
+    quality = task.evaluate(trial)
+    kept = quality.loss <= budget
+    reason = f"loss {quality.loss:.5f} {'within' if kept else 'over'} budget {budget:.5f}"
+    result.decisions.append(Decision("*", "bf16", kept, reason, quality.loss))
+    if kept:
+        result.model, result.dtype = trial, torch.bfloat16
+    return kept
+
+
+def _int8(result: Optimized, task: Any, budget: float, _time: float | None) -> None:
+    """Layer by layer: int8 where faster than the model's precision and within budget."""
+    _bf16(result, task, budget, None)
+    names = list(linear_layers(result.model))
+    stats = _activations(result.model, task, names)
+    for name in names:
+        linear = result.model.get_submodule(name)
+        if name not in stats:
+            result.decisions.append(
+                Decision(name, "int8", False, "no calibration input reached it")
+            )
+            continue
+        absmax, rows = stats[name]
+        smooth = None
+        if quantize.has_outliers(absmax):
+            smooth = quantize.smooth_scales(linear.weight.float(), absmax)
+        layer = quantize.Int8Linear.from_linear(linear, smooth=smooth)
+
+        # Keep int8 only where it is faster on the rows this layer really sees.
+        base_s = quantize.time_forward(linear, rows, dtype=result.dtype)
+        int8_s = quantize.time_forward(layer, rows, dtype=result.dtype)
+        shape = f"{rows}x{linear.in_features}x{linear.out_features}"
+        if int8_s >= base_s:
+            reason = (
+                f"int8 {int8_s * 1e3:.2f} ms not faster than {_name(result.dtype)} "
+                f"{base_s * 1e3:.2f} ms at {shape}"
+            )
+            result.decisions.append(Decision(name, "int8", False, reason))
+            continue
+        _try(
+            result,
+            task,
+            budget,
+            name,
+            linear,
+            layer,
+            "int8" + (" smoothed" if smooth is not None else ""),
+        )
+
+
+def _int4(result: Optimized, task: Any, budget: float, _time: float | None) -> None:
+    """Layer by layer: int4 weights where within budget (for size; not faster)."""
+    for name, linear in linear_layers(result.model).items():
+        group = next((g for g in (128, 64, 32) if linear.in_features % g == 0), None)
+        if group is None:
+            reason = f"in_features {linear.in_features} is not a multiple of 32"
+            result.decisions.append(Decision(name, "int4", False, reason))
+            continue
+        layer = quantize.Int4Linear.from_linear(linear, group_size=group)
+        _try(result, task, budget, name, linear, layer, f"int4 group {group}")
+
+
+def _try(
+    result: Optimized,
+    task: Any,
+    budget: float,
+    name: str,
+    old: nn.Module,
+    new: nn.Module,
+    change: str,
+) -> bool:
+    """Put `new` in place of `old`; keep it if the whole model stays within budget."""
+    _set_module(result.model, name, new)
+    loss = task.evaluate(result.model).loss
+    if loss <= budget:
+        result.decisions.append(
+            Decision(name, change, True, f"loss {loss:.5f} within {budget:.5f}", loss)
+        )
+        return True
+    _set_module(result.model, name, old)
+    reason = f"loss {loss:.5f} over budget {budget:.5f}"
+    result.decisions.append(Decision(name, change, False, reason, loss))
+    return False
+
+
+def _name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
+# -- structural steps ------------------------------------------------------------
+
+
+def _prune(result: Optimized, task: Any, budget: float, time_budget_s: float | None) -> None:
+    from quanta.optimize.prune import prune_structured
+
+    loss = lambda m: task.evaluate(m).loss  # noqa: E731
+    model, decisions = prune_structured(
+        result.model,
+        task.calibration,
+        loss,
+        budget,
+        forward=task.forward,
+        time_budget_s=time_budget_s,
+    )
+    result.model = model
+    result.decisions += decisions
+
+
+def _lowrank(result: Optimized, task: Any, budget: float, _time: float | None) -> None:
+    from quanta.optimize.lowrank import lowrank
+
+    loss = lambda m: task.evaluate(m).loss  # noqa: E731
+    model, decisions = lowrank(result.model, task.calibration, loss, budget, forward=task.forward)
+    result.model = model
+    result.decisions += decisions
+
+
+_STEPS = {"bf16": _bf16, "int8": _int8, "int4": _int4, "prune": _prune, "lowrank": _lowrank}
