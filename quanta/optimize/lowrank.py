@@ -66,9 +66,10 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # an input of another float type is computed in the weights' type and
-        # handed back in its own, as a drop-in replacement must accept it
-        dtype = self.down.weight.dtype
-        return self.up(self.down(x.to(dtype))).to(x.dtype)  # (..., K) -> (..., r) -> (..., N)
+        # handed back in its own, as a drop-in replacement must accept it; a
+        # half quantized later (int8 codes) takes any float input as it is
+        h = self.down(_as_input_of(self.down, x))  # (..., K) -> (..., r)
+        return self.up(_as_input_of(self.up, h)).to(x.dtype)  # (..., r) -> (..., N)
 
     @property
     def macs(self) -> int:
@@ -106,6 +107,11 @@ class LowRankLinear(nn.Module):
         with torch.device("meta"):
             module = cls(*(spec[name] for name in fields))
         return module.to_empty(device=device or "cpu")
+
+
+def _as_input_of(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    weight = layer.weight
+    return x.to(weight.dtype) if weight.is_floating_point() else x
 
 
 def break_even_rank(linear: nn.Linear) -> int:
