@@ -2,6 +2,7 @@
 
     quanta serve                     the built-in embedding model on 127.0.0.1:8000
     quanta run app.py:MyService      any Service class
+    quanta optimize --recipe int8 --out DIR   a cheaper model that `serve --model DIR` loads
     quanta info                      what this machine offers
     quanta keys --out DIR            a CURVE key pair for the workers' transport
 
@@ -113,6 +114,49 @@ def _keys(args: argparse.Namespace) -> None:
     print(f"public key:      {load_public_key(public_path).decode('ascii')}")
 
 
+def _optimize(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from quanta.errors import ConfigError
+    from quanta.optimize.api import optimize_builtin
+
+    texts = None
+    if args.calibration is not None:
+        path = Path(args.calibration)
+        if not path.is_file():
+            raise ConfigError(
+                f"--calibration {args.calibration!r} is no file; give one text a line"
+            )
+        texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not texts:
+            raise ConfigError(f"--calibration {args.calibration!r} holds no text")
+    _, summary = optimize_builtin(
+        args.model,
+        args.recipe,
+        out=args.out,
+        max_loss=args.max_loss,
+        time_budget_s=args.time_budget,
+        texts=texts,
+        pairs=args.pairs,
+        progress=True,
+    )
+
+    table = Table(title=f"{args.model} with recipe {args.recipe}")
+    table.add_column("measure")
+    for name in summary:
+        table.add_column(name, justify="right")
+    for key in dict.fromkeys(key for row in summary.values() for key in row):
+        table.add_row(key, *(str(row.get(key, "-")) for row in summary.values()))
+    console = Console()
+    console.print(table)
+    # plain prints: a path must not be wrapped to the width of a terminal
+    print(f"artifact: {args.out} (report.md, report.png); serve it with")
+    print(f"  quanta serve --model {args.out}")
+
+
 def _parse_options(pairs: list[str]) -> dict:
     options = {}
     for pair in pairs:
@@ -153,6 +197,39 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_serving_flags(run)
 
+    optimize = commands.add_parser(
+        "optimize", help="make a cheaper model within a quality budget: writes an artifact"
+    )
+    optimize.add_argument("--model", default="builtin:minilm", help="builtin:minilm or a directory")
+    optimize.add_argument(
+        "--recipe", required=True, help="bf16, int8, int4, prune, lowrank, or e.g. prune+int8"
+    )
+    optimize.add_argument(
+        "--max-loss",
+        type=float,
+        default=0.005,
+        help="largest allowed drop in mean cosine to the original (default 0.005)",
+    )
+    optimize.add_argument("--out", required=True, help="directory to write the artifact to")
+    optimize.add_argument(
+        "--time-budget", type=float, default=None, help="seconds for recovery after pruning"
+    )
+    optimize.add_argument(
+        "--calibration",
+        default=None,
+        metavar="FILE",
+        help="calibration texts, one a line (default: standard library docstrings)",
+    )
+    optimize.add_argument(
+        "--pairs",
+        type=int,
+        default=300,
+        help="held-out docstring retrieval pairs that judge each candidate (default 300)",
+    )
+    optimize.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+
     commands.add_parser("info", help="print what this machine offers")
 
     keys = commands.add_parser("keys", help="write a CURVE key pair: NAME.key and NAME.key_secret")
@@ -183,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif args.command == "run":
             _serve(args, args.service, _parse_options(args.option))
+        elif args.command == "optimize":
+            _optimize(args)
         elif args.command == "info":
             from quanta import hardware
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from quanta import hardware
 from quanta.errors import ConfigError
+from quanta.models.manifest import is_artifact, read_manifest
 from quanta.service import Service, endpoint
 
 __all__ = ["MiniLMEmbedder", "resolve_model", "BUILTIN_MODELS", "PRECISIONS"]
@@ -100,6 +101,13 @@ class MiniLMEmbedder(Service):
             raise ConfigError(f"precision {precision!r} is not one of {PRECISIONS}")
         self.directory = resolve_model(model)
         self.precision = precision
+        # an optimized artifact is checked here, in the gateway, before any worker loads it
+        self.manifest = read_manifest(self.directory) if is_artifact(self.directory) else None
+        if self.manifest is not None and precision != "auto":
+            raise ConfigError(
+                f"precision {precision!r} cannot apply to {self.directory}: an optimized model "
+                "keeps the precisions it was optimized to; leave --precision auto"
+            )
         self._sizing_tokenizer = None
 
     def setup(self) -> None:
@@ -110,11 +118,28 @@ class MiniLMEmbedder(Service):
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = _tokenizer(self.directory, pad=True)
-        self.encoder = load_bert(self.directory).to(self.device)
-        self.dtype = self._choose_dtype()
-        self.encoder.to(self.dtype)
+        if self.manifest is not None:
+            self._load_artifact()
+        else:
+            self.encoder = load_bert(self.directory).to(self.device)
+            self.dtype = self._choose_dtype()
+            self.encoder.to(self.dtype)
         logger.info(
             "loaded %s from %s in %s on %s", self.name, self.directory, self.dtype, self.device
+        )
+
+    def _load_artifact(self) -> None:
+        # NOTE: an artifact runs on the CPU: its int8 layers are written for the
+        # CPU's torch._int_mm, which on CUDA refuses small and unaligned shapes.
+        from quanta.optimize.artifact import load_artifact
+
+        self.device = self.torch.device("cpu")
+        self.encoder, manifest = load_artifact(self.directory)
+        self.dtype = getattr(self.torch, manifest["dtype"])
+        logger.info(
+            "optimized model: recipe %s, %d layers replaced",
+            manifest["recipe"].get("name"),
+            len(manifest["layers"]),
         )
 
     def _choose_dtype(self):

@@ -165,8 +165,12 @@ class TensorTask:
         self._reference_accuracy = 0.0
 
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The model's outputs in float32; float inputs go in the model's own float type,
+        as they would from a caller of a model converted to bf16."""
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        inputs = [t.to(dtype) if dtype and t.is_floating_point() else t for t in batch]
         with torch.inference_mode():
-            return model(*batch).float()
+            return model(*inputs).float()
 
     def outputs(self, model: nn.Module) -> torch.Tensor:
         return torch.cat([self.forward(model, batch) for batch in self.evaluation])
