@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import sys
 
-BENCHMARKS = {"serve": "quanta.bench.serve", "transport": "quanta.bench.transport"}
+BENCHMARKS = {
+    "optimize": "quanta.bench.optimize",
+    "serve": "quanta.bench.serve",
+    "transport": "quanta.bench.transport",
+}
 
 
 def main() -> int:
