@@ -22,6 +22,7 @@ from quanta.optimize.quantize import (
     Bf16Linear,
     Int4Linear,
     Int8Linear,
+    compare_forward,
     has_outliers,
     nbytes,
     smooth_scales,
@@ -263,3 +264,26 @@ def test_spec_empty_and_safetensors_round_trip(linear, x, tmp_path, build):
 def test_time_forward_returns_seconds(linear):
     seconds = time_forward(Int8Linear.from_linear(linear), rows=8, repeat=3)
     assert 0 < seconds < 1
+
+
+def test_compare_forward_times_both_layers_in_turns(linear, x):
+    order = []
+    first = nn.Sequential(linear)
+    second = Int8Linear.from_linear(linear)
+    first.register_forward_hook(lambda *_: order.append("first"))
+    second.register_forward_hook(lambda *_: order.append("second"))
+    base_s, int8_s = compare_forward(first, second, x, repeat=4)
+    assert 0 < base_s < 1 and 0 < int8_s < 1
+    assert order == ["first", "second"] * 7
+
+
+@torch.inference_mode()
+def test_int8_smoothed_bf16_input_matches_fp32_input(linear):
+    smooth = torch.rand(384, generator=torch.Generator().manual_seed(7)) + 0.5
+    layer = Int8Linear.from_linear(linear, smooth=smooth)
+    x = torch.randn(32, 384, generator=torch.Generator().manual_seed(8)).bfloat16()
+    before = x.clone()
+    y = layer(x)
+    assert torch.equal(x, before)
+    assert y.dtype == torch.bfloat16
+    assert min_row_cosine(y, layer(x.float())) > 0.9999
