@@ -97,18 +97,25 @@ def optimize(
         recipe: a recipe name (`int8`, `prune+int8`, ...) or a `Recipe`.
         task: an `EmbeddingTask` or `TensorTask` with calibration and evaluation data.
         max_loss: the largest quality drop allowed against the original.
-        time_budget_s: seconds a recovery fine-tune after pruning may take.
+        time_budget_s: seconds a recovery fine-tune after pruning may take; None
+            for no recovery.
 
     Returns:
         An `Optimized` with the new model, every decision and the final quality.
 
     Raises:
         OptimizeError: the model has no `nn.Linear`, or no change fits the budget.
-        ConfigError: an unknown recipe or a negative budget.
+        ConfigError: an unknown recipe, a negative budget or time budget.
     """
     recipe = parse_recipe(recipe) if isinstance(recipe, str) else recipe
     if not isinstance(max_loss, int | float) or max_loss < 0:
         raise ConfigError(f"max_loss {shorten(max_loss)} must be a number >= 0, e.g. 0.005")
+    if time_budget_s is not None and not (
+        isinstance(time_budget_s, int | float) and time_budget_s > 0
+    ):
+        raise ConfigError(
+            f"time_budget_s {shorten(time_budget_s)} must be a positive number of seconds"
+        )
     if not linear_layers(model):
         raise OptimizeError(
             f"{type(model).__name__} has no nn.Linear layer: quanta optimizes the matrix "
@@ -321,19 +328,54 @@ def _name(dtype: torch.dtype) -> str:
 
 
 def _prune(result: Optimized, task: Any, budget: float, time_budget_s: float | None) -> None:
+    """The largest structured cut within budget; with a time budget, also a deeper cut
+    recovered by distillation, kept if it comes back within budget."""
     from quanta.optimize.prune import prune_structured
 
     loss = lambda m: task.evaluate(m).loss  # noqa: E731
     model, decisions = prune_structured(
-        result.model,
-        task.calibration,
-        loss,
-        budget,
-        forward=task.forward,
-        time_budget_s=time_budget_s,
+        result.model, task.calibration, loss, budget, forward=task.forward
     )
-    result.model = model
     result.decisions += decisions
+    if time_budget_s is not None:
+        model = _recover(result.model, model, task, budget, time_budget_s, result.decisions)
+    result.model = model
+
+
+def _recover(
+    original: nn.Module,
+    pruned: nn.Module,
+    task: Any,
+    budget: float,
+    time_budget_s: float,
+    decisions: list[Decision],
+) -> nn.Module:
+    """Cut up to `_RECOVERY_STRETCH` x the budget, distill it from the original for
+    `time_budget_s`, and keep it only if it is within budget and smaller than `pruned`."""
+    from quanta.optimize.prune import distill, prune_structured
+
+    loss = lambda m: task.evaluate(m).loss  # noqa: E731
+    deeper, _ = prune_structured(
+        original, task.calibration, loss, budget * _RECOVERY_STRETCH, forward=task.forward
+    )
+    size, deeper_size = _parameters(pruned), _parameters(deeper)
+    change = f"distill a deeper cut ({deeper_size:,} parameters) for {time_budget_s:g} s"
+    if deeper_size >= size:
+        decisions.append(Decision("all", change, False, "no deeper cut than the one kept"))
+        return pruned
+    distill(deeper, original, task.calibration, forward=task.train_forward,
+            time_budget_s=time_budget_s)  # fmt: skip
+    value = loss(deeper)
+    kept = value <= budget
+    verdict = "within" if kept else "over"
+    reason = f"after distillation loss {value:.4g} {verdict} the budget {budget:.4g}"
+    decisions.append(Decision("all", change, kept, reason, value))
+    logger.info("recovery: %s: %s", change, reason)
+    return deeper if kept else pruned
+
+
+def _parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def _lowrank(result: Optimized, task: Any, budget: float, _time: float | None) -> None:
@@ -344,5 +386,8 @@ def _lowrank(result: Optimized, task: Any, budget: float, _time: float | None) -
     result.model = model
     result.decisions += decisions
 
+
+# A cut recovered by distillation may start this many times over the budget.
+_RECOVERY_STRETCH = 2.0
 
 _STEPS = {"bf16": _bf16, "int8": _int8, "int4": _int4, "prune": _prune, "lowrank": _lowrank}

@@ -89,6 +89,12 @@ class EmbeddingTask:
             pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
             return torch.nn.functional.normalize(pooled, dim=-1)
 
+    def train_forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Every real token's hidden state, with autograd on: the target a pruned
+        encoder is distilled towards (richer than one embedding per text)."""
+        ids, mask = batch
+        return model(ids, mask) * mask.unsqueeze(-1)
+
     def outputs(self, model: nn.Module) -> torch.Tensor:
         return torch.cat([self.forward(model, batch) for batch in self.evaluation])
 
@@ -171,6 +177,10 @@ class TensorTask:
         inputs = [t.to(dtype) if dtype and t.is_floating_point() else t for t in batch]
         with torch.inference_mode():
             return model(*inputs).float()
+
+    def train_forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The model's outputs with autograd on, for distillation."""
+        return model(*batch)
 
     def outputs(self, model: nn.Module) -> torch.Tensor:
         return torch.cat([self.forward(model, batch) for batch in self.evaluation])

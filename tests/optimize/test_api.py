@@ -71,3 +71,31 @@ def test_unknown_recipe_and_negative_budget_are_config_errors(digits_mlp):
         quanta.optimize(digits_mlp, "int3", calibration=x)
     with pytest.raises(ConfigError, match="max_loss -1"):
         quanta.optimize(digits_mlp, "int8", calibration=x, max_loss=-1)
+
+
+def test_pruning_with_a_time_budget_keeps_a_deeper_cut_recovered_by_distillation(digits):
+    x, y, x_test, _ = digits
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    optimizer = torch.optim.Adam(mlp.parameters(), lr=3e-3)
+    for _ in range(200):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(mlp(x), y).backward()
+        optimizer.step()
+    mlp.eval()
+
+    # judged by the cosine of the outputs, which a deeper cut moves and distillation restores
+    options = dict(calibration=x, evaluation=x_test, max_loss=0.002)
+    plain = quanta.optimize(mlp, "prune", **options)
+    recovered = quanta.optimize(mlp, "prune", time_budget_s=3, **options)
+
+    recovery = [d for d in recovered.decisions if d.change.startswith("distill a deeper cut")]
+    assert len(recovery) == 1 and recovery[0].kept, recovered.decisions[-3:]
+    assert recovered.quality.loss <= 0.002
+    size = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert size(recovered.model) < size(plain.model)
+
+
+def test_a_time_budget_that_is_not_positive_is_a_config_error(digits_mlp):
+    with pytest.raises(ConfigError, match="time_budget_s 0 must be a positive number"):
+        quanta.optimize(digits_mlp, "prune", calibration=torch.rand(16, 64), time_budget_s=0)
