@@ -71,9 +71,11 @@ def _row(name: str, model: nn.Module, task: EmbeddingTask, build_s: float, **ext
     }
 
 
-def _build_quanta(recipe: str, fp32: nn.Module, task, max_loss: float) -> tuple[dict, nn.Module]:
+def _build_quanta(
+    recipe: str, fp32: nn.Module, task, max_loss: float, time_budget_s: float | None
+) -> tuple[dict, nn.Module]:
     start = time.perf_counter()
-    result = optimize(fp32, recipe, task, max_loss=max_loss)
+    result = optimize(fp32, recipe, task, max_loss=max_loss, time_budget_s=time_budget_s)
     build_s = time.perf_counter() - start
     kept = Counter(d.change for d in result.decisions if d.kept)
     row = _row(
@@ -106,7 +108,9 @@ def _build_all(
         else:
             builders[ORT_INT8] = lambda: _build_ort_int8(fp32, task, args.workdir)
     for recipe in args.recipes:
-        builders[f"quanta {recipe}"] = lambda r=recipe: _build_quanta(r, fp32, task, args.max_loss)
+        builders[f"quanta {recipe}"] = lambda r=recipe: _build_quanta(
+            r, fp32, task, args.max_loss, args.time_budget
+        )
 
     for name, build in builders.items():
         print(f"{name}: building", flush=True)
@@ -323,6 +327,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma list of recipes")
     parser.add_argument("--max-loss", type=float, default=0.005, help="budget of every recipe")
+    parser.add_argument(
+        "--time-budget", type=float, default=None, help="seconds of recovery after pruning"
+    )
     parser.add_argument("--pairs", type=int, default=300, help="held-out retrieval pairs")
     parser.add_argument("--calibration", type=int, default=256, help="calibration texts")
     parser.add_argument("--repeat", type=int, default=10, help="timed runs per row and round")

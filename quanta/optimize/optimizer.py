@@ -22,7 +22,7 @@ from torch import nn
 
 from quanta import hardware
 from quanta.errors import ConfigError, OptimizeError, shorten
-from quanta.optimize import quantize
+from quanta.optimize import measure, quantize
 from quanta.optimize.recipe import Recipe, parse_recipe
 from quanta.optimize.report import Decision
 from quanta.optimize.tasks import Quality
@@ -274,7 +274,7 @@ def _back_off(
 
 def _time_pair(built: tuple[nn.Module, nn.Module, str], rows: torch.Tensor) -> tuple[float, float]:
     """Median seconds of the base layer and of its int8 one on real rows, timed in turns."""
-    return quantize.compare_forward(built[0], built[1], rows, repeat=7)
+    return measure.compare_forward(built[0], built[1], rows, repeat=7)
 
 
 def _output_error(base: nn.Module, layer: nn.Module, rows: torch.Tensor) -> float:

@@ -6,14 +6,11 @@
 
 Each keeps its tensors as buffers, so `state_dict()` round-trips through
 safetensors, and a loader rebuilds it with `LAYERS[spec["kind"]].empty(spec)`.
-`smooth_scales` and `has_outliers` decide SmoothQuant smoothing; `compare_forward`
-times two layers in turns, so that the optimizer keeps int8 only where it beats bf16.
+`smooth_scales` and `has_outliers` decide SmoothQuant smoothing.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any, ClassVar
 
 import torch
@@ -30,8 +27,6 @@ __all__ = [
     "smooth_scales",
     "has_outliers",
     "nbytes",
-    "time_forward",
-    "compare_forward",
 ]
 
 # the floor for a scale, so that an all-zero row or group divides by no zero
@@ -377,51 +372,3 @@ def has_outliers(act_absmax: torch.Tensor, ratio: float = _OUTLIER_RATIO) -> boo
 def nbytes(layer: nn.Module) -> int:
     """Return the bytes of a layer's state: every tensor in `state_dict()`."""
     return sum(t.numel() * t.element_size() for t in layer.state_dict().values())
-
-
-def time_forward(
-    layer: nn.Module, rows: int, *, repeat: int = 20, dtype: torch.dtype = torch.float32
-) -> float:
-    """Return the median seconds of `layer` on a random (rows, in_features) input.
-
-    Runs under `torch.inference_mode()` after three warm-up calls. To choose
-    between two layers, use `compare_forward` on real inputs instead.
-
-    Raises:
-        ConfigError: `rows` or `repeat` below 1.
-
-    Example:
-        >>> seconds = time_forward(Int8Linear.from_linear(nn.Linear(384, 384)), rows=1280)
-    """
-    if rows < 1 or repeat < 1:
-        raise ConfigError(f"rows={rows!r} and repeat={repeat!r} must both be at least 1")
-    x = torch.randn(rows, layer.in_features, dtype=dtype)
-    return compare_forward(layer, layer, x, repeat=repeat)[0]
-
-
-def compare_forward(
-    base: nn.Module, candidate: nn.Module, x: torch.Tensor, *, repeat: int = 15
-) -> tuple[float, float]:
-    """Return the median seconds of `base(x)` and of `candidate(x)`, timed in turns.
-
-    The two alternate call by call, so that a burst of load on a shared
-    machine slows both alike rather than one of them.
-
-    Raises:
-        ConfigError: `repeat` below 1.
-
-    Example:
-        >>> base_s, int8_s = compare_forward(linear, Int8Linear.from_linear(linear), x)
-    """
-    if repeat < 1:
-        raise ConfigError(f"repeat={repeat!r} must be at least 1")
-    times: tuple[list[float], list[float]] = ([], [])
-    with torch.inference_mode():
-        for _ in range(3):
-            base(x), candidate(x)
-        for _ in range(repeat):
-            for layer, seconds in zip((base, candidate), times, strict=True):
-                start = time.perf_counter()
-                layer(x)
-                seconds.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])

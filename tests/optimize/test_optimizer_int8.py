@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quanta.optimize import optimizer, quantize
+from quanta.optimize import measure, optimizer
 from quanta.optimize.quantize import Int8Linear
 from quanta.optimize.tasks import Quality, TensorTask
 
@@ -41,7 +41,7 @@ def digits_task(digits):
 
 @pytest.fixture()
 def int8_faster(monkeypatch):
-    monkeypatch.setattr(quantize, "compare_forward", lambda base, new, x, **_: (2e-3, 1e-3))
+    monkeypatch.setattr(measure, "compare_forward", lambda base, new, x, **_: (2e-3, 1e-3))
 
 
 def by_layer(result):
@@ -86,7 +86,7 @@ def test_int8_rejected_for_speed_only_after_three_slower_trials(
             return 1e-3, 2e-3
         return 2e-3, 1e-3
 
-    monkeypatch.setattr(quantize, "compare_forward", compare)
+    monkeypatch.setattr(measure, "compare_forward", compare)
     task = LossByLayer(digits_task, {})
     result = optimizer.optimize(digits_mlp, "int8", task, max_loss=0.005)
 
@@ -104,7 +104,7 @@ def test_int8_step_times_layers_on_their_real_input_dtype(digits_mlp, digits_tas
         seen.append((x.dtype, x.shape[0]))
         return 2e-3, 1e-3
 
-    monkeypatch.setattr(quantize, "compare_forward", compare)
+    monkeypatch.setattr(measure, "compare_forward", compare)
     result = optimizer.optimize(digits_mlp, "int8", LossByLayer(digits_task, {}), max_loss=0.005)
     # the whole model went to bf16 first, so each layer is timed on bf16 calibration rows
     assert result.dtype == torch.bfloat16

@@ -17,16 +17,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quanta.errors import ConfigError
+from quanta.optimize.measure import compare_forward
 from quanta.optimize.quantize import (
     LAYERS,
     Bf16Linear,
     Int4Linear,
     Int8Linear,
-    compare_forward,
     has_outliers,
     nbytes,
     smooth_scales,
-    time_forward,
 )
 
 
@@ -259,11 +258,6 @@ def test_spec_empty_and_safetensors_round_trip(linear, x, tmp_path, build):
     rebuilt.load_state_dict(load_file(tmp_path / "layer.safetensors"))
     assert rebuilt.spec() == layer.spec()
     assert torch.equal(rebuilt(x), layer(x))
-
-
-def test_time_forward_returns_seconds(linear):
-    seconds = time_forward(Int8Linear.from_linear(linear), rows=8, repeat=3)
-    assert 0 < seconds < 1
 
 
 def test_compare_forward_times_both_layers_in_turns(linear, x):

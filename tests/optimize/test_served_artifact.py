@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import quanta
 from quanta.bench.corpus import sentences as stdlib_sentences
@@ -45,6 +46,24 @@ def test_served_embeddings_match_the_in_process_optimized_model(int8_artifact, m
         assert "optimized model: recipe int8" in server.log()
 
     np.testing.assert_allclose(served, expected, rtol=0, atol=1e-5)
+
+
+def test_int8_model_keeps_the_cosine_and_runs_every_int8_product_in_int_mm(
+    int8_artifact, minilm_dir
+):
+    _, result, summary = int8_artifact
+    assert result.quality.metrics["mean_cosine"] >= 0.995
+    assert result.quality.metrics["recall_at_10_drop"] <= 0.005
+    int8 = [m for m in result.model.modules() if isinstance(m, Int8Linear)]
+    assert len(int8) >= 12, result.decisions  # at least half of the 24 products
+
+    task = embedding_task(minilm_dir, pairs=10)
+    batch = task.encode(stdlib_sentences(8))[0]
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities) as profile:
+        task.forward(result.model, batch)
+    calls = {e.key: e.count for e in profile.key_averages()}
+    assert calls.get("aten::_int_mm") == len(int8)
 
 
 def test_report_and_summary_say_what_was_kept_and_what_it_bought(int8_artifact):
