@@ -233,9 +233,11 @@ class Tamperer:
 
 @pytest.mark.parametrize("codec", ["none", "zstd"])
 def test_lost_and_corrupt_shards_are_asked_for_again(codec):
-    rx = Channel.bind("tcp://127.0.0.1:0", ChannelConfig(timeout_s=3.0))
+    # timeout_s also paces the requests for missing shards (a tenth of it); 8 s
+    # lets a busy machine stall for seconds without either side giving up
+    rx = Channel.bind("tcp://127.0.0.1:0", ChannelConfig(timeout_s=8.0))
     proxy = Tamperer(rx.endpoint, drop=2, flip=4)
-    config = ChannelConfig(shard_size=SHARD, streams=1, codec=codec, timeout_s=3.0)
+    config = ChannelConfig(shard_size=SHARD, streams=1, codec=codec, timeout_s=8.0)
     tx = Channel.connect(proxy.endpoint, config)
     tensor = np.random.default_rng(3).standard_normal(2 << 18).astype(np.float32)  # 8 shards
     arrived: list = []
@@ -253,7 +255,10 @@ def test_lost_and_corrupt_shards_are_asked_for_again(codec):
     try:
         tx.send({"n": 1}, {"w": tensor})
         # Waiting for the answer keeps the sender reading, so it hears the requests.
-        reply = tx.recv(timeout=TIMEOUT_S)
+        try:
+            reply = tx.recv(timeout=TIMEOUT_S)
+        except TransportError as exc:
+            raise AssertionError(f"no reply; the receiver got {arrived}") from exc
         receiver.join(TIMEOUT_S)
 
         assert reply.header == {"thanks": True}
