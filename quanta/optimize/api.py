@@ -45,13 +45,13 @@ def embedding_task(
 ) -> EmbeddingTask:
     """An embedding task with the tokenizer of the model in `directory`.
 
-    Raises:
-        ConfigError: fewer than 10 pairs, too few for recall@10 to mean anything.
-
     Args:
         directory: a model directory with tokenizer.json.
         texts: calibration texts; by default standard library docstrings.
         pairs: held-out query/document pairs to judge with.
+
+    Raises:
+        ConfigError: fewer than 10 pairs, too few for recall@10 to mean anything.
     """
     from tokenizers import Tokenizer
 
