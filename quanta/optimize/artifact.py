@@ -50,6 +50,7 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
 )
 _BUILDERS = {**{kind: cls.empty for kind, cls in LAYERS.items()}, "lowrank": LowRankLinear.empty}
+_REPLACED = (*LAYERS.values(), LowRankLinear)
 
 
 def layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -57,7 +58,7 @@ def layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
     return {
         name: module.spec()
         for name, module in model.named_modules()
-        if hasattr(module, "spec") and module.spec().get("kind") in _BUILDERS
+        if isinstance(module, _REPLACED)
     }
 
 
@@ -142,7 +143,7 @@ def load_artifact(directory: str | Path) -> tuple[BertEncoder, dict[str, Any]]:
                 getattr(torch, manifest["dtype"])
             )
             for name, spec in manifest["layers"].items():
-                _set_module(model, name, _BUILDERS[spec["kind"]](spec))
+                model.set_submodule(name, _BUILDERS[spec["kind"]](spec))
         model.load_state_dict(load_file(str(weights)), strict=True, assign=True)
     except (KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:
         raise ModelError(f"{weights} does not fit {directory / MANIFEST}: {exc}") from exc
@@ -150,8 +151,3 @@ def load_artifact(directory: str | Path) -> tuple[BertEncoder, dict[str, Any]]:
     if left:
         raise ModelError(f"{weights} lacks {left[:5]}, which {directory / MANIFEST} needs")
     return model.eval(), manifest
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)

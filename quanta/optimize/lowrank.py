@@ -320,7 +320,7 @@ def _choose_rank(
     ranks = list(range(multiple, limit + 1, multiple)) or list(range(1, limit + 1))
 
     def measure(rank: int) -> float:
-        _set_module(work, name, spectrum.truncate(rank))
+        work.set_submodule(name, spectrum.truncate(rank))
         value = float(loss(work))
         logger.debug("%s at rank %d: loss %.6g (allowance %.6g)", name, rank, value, allowance)
         return value
@@ -329,7 +329,7 @@ def _choose_rank(
     # no smaller one is worth trying (loss grows as rank falls)
     top = measure(ranks[-1])
     if not top <= allowance:
-        _set_module(work, name, layer)
+        work.set_submodule(name, layer)
         reason = f"rank {ranks[-1]} already gives loss {top:.4g} > allowance {allowance:.4g}"
         return Decision(name, change, False, reason, top)
 
@@ -345,7 +345,7 @@ def _choose_rank(
         else:
             lo = mid
     rank = ranks[hi]
-    _set_module(work, name, spectrum.truncate(rank))
+    work.set_submodule(name, spectrum.truncate(rank))
     change = f"lowrank rank {rank} of {min(n, k)}: {n * k} -> {rank * (n + k)} MACs per row"
     reason = f"the smallest rank with loss {best:.4g} <= allowance {allowance:.4g}"
     return Decision(name, change, True, reason, best)
@@ -394,8 +394,3 @@ def _check_scale(scale: torch.Tensor | None, linear: nn.Linear) -> torch.Tensor:
     # a column of W S near zero still comes back as W's own column projected
     # onto the kept subspace, so a tiny floor is exact enough and avoids 1/0
     return s.clamp(min=float(s.max()) * 1e-8)
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)

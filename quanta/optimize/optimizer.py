@@ -49,11 +49,6 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def _activations(model: nn.Module, task: Any, names: list[str]) -> dict[str, tuple[Any, Any]]:
     """Per layer: the absmax of each input channel over the calibration data, and the
     first calibration batch of its input rows (M, K), in the dtype the layer receives:
@@ -218,7 +213,7 @@ def _int8(result: Optimized, task: Any, budget: float, _time: float | None) -> N
     logger.info("int8: %d of %d layers faster than %s", len(faster), len(names), result.dtype)
 
     for name, (_, layer, _, _) in faster.items():
-        _set_module(result.model, name, layer)
+        result.model.set_submodule(name, layer)
     loss = task.evaluate(result.model).loss if faster else 0.0
     if loss <= budget:
         reason = f"loss {loss:.5f} of all {len(faster)} int8 layers together within {budget:.5f}"
@@ -241,7 +236,7 @@ def _back_off(
     reverted: list[str] = []
     for name in order:
         old, _, change, error = faster[name]
-        _set_module(result.model, name, old)
+        result.model.set_submodule(name, old)
         reverted.append(name)
         loss = task.evaluate(result.model).loss
         logger.debug("int8 back-off: %s (error %.4f) reverted, loss %.5f", name, error, loss)
@@ -307,14 +302,14 @@ def _try(
     change: str,
 ) -> bool:
     """Put `new` in place of `old`; keep it if the whole model stays within budget."""
-    _set_module(result.model, name, new)
+    result.model.set_submodule(name, new)
     loss = task.evaluate(result.model).loss
     if loss <= budget:
         result.decisions.append(
             Decision(name, change, True, f"loss {loss:.5f} within {budget:.5f}", loss)
         )
         return True
-    _set_module(result.model, name, old)
+    result.model.set_submodule(name, old)
     reason = f"loss {loss:.5f} over budget {budget:.5f}"
     result.decisions.append(Decision(name, change, False, reason, loss))
     return False
@@ -352,13 +347,13 @@ def _recover(
 ) -> nn.Module:
     """Cut up to `_RECOVERY_STRETCH` x the budget, distill it from the original for
     `time_budget_s`, and keep it only if it is within budget and smaller than `pruned`."""
-    from quanta.optimize.prune import distill, prune_structured
+    from quanta.optimize.prune import distill, parameter_count, prune_structured
 
     loss = lambda m: task.evaluate(m).loss  # noqa: E731
     deeper, _ = prune_structured(
         original, task.calibration, loss, budget * _RECOVERY_STRETCH, forward=task.forward
     )
-    size, deeper_size = _parameters(pruned), _parameters(deeper)
+    size, deeper_size = parameter_count(pruned), parameter_count(deeper)
     change = f"distill a deeper cut ({deeper_size:,} parameters) for {time_budget_s:g} s"
     if deeper_size >= size:
         decisions.append(Decision("all", change, False, "no deeper cut than the one kept"))
@@ -372,10 +367,6 @@ def _recover(
     decisions.append(Decision("all", change, kept, reason, value))
     logger.info("recovery: %s: %s", change, reason)
     return deeper if kept else pruned
-
-
-def _parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _lowrank(result: Optimized, task: Any, budget: float, _time: float | None) -> None:

@@ -30,7 +30,14 @@ from quanta.errors import ConfigError, OptimizeError, shorten
 from quanta.models.bert import BertEncoder
 from quanta.optimize.report import Decision
 
-__all__ = ["Decision", "prune_structured", "prune_fraction", "prune_magnitude_", "distill"]
+__all__ = [
+    "Decision",
+    "prune_structured",
+    "prune_fraction",
+    "prune_magnitude_",
+    "distill",
+    "parameter_count",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +179,7 @@ def prune_structured(
         reason = f"time budget of {time_budget_s}s spent after {len(decisions)} candidates"
         decisions.append(Decision("all", "stop the search", False, reason))
 
-    before, after = _count(model), _count(best)
+    before, after = parameter_count(model), parameter_count(best)
     logger.info("pruned %d -> %d parameters in %d candidates", before, after, len(decisions))
     return best, decisions
 
@@ -324,7 +331,8 @@ def _check_time(time_budget_s: float | None, *, required: bool) -> None:
         raise ConfigError(f"time_budget_s {shorten(time_budget_s)} must be a positive number")
 
 
-def _count(model: nn.Module) -> int:
+def parameter_count(model: nn.Module) -> int:
+    """The number of parameters of `model`: what structured pruning shrinks."""
     return sum(p.numel() for p in model.parameters())
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 from torch import nn
 
+from quanta.optimize.measure import latency_p50
+
 __all__ = ["Decision", "Candidate", "Observed", "write_report"]
 
 # Timed runs per candidate: enough for a median that orders candidates, cheap
@@ -115,8 +117,6 @@ class Observed:
 
     def evaluate(self, model: nn.Module) -> Any:
         """The task's quality of `model`; also its latency, kept as a candidate."""
-        from quanta.optimize.measure import latency_p50
-
         quality = self.task.evaluate(model)
         latency = {}
         if self.time_candidates:

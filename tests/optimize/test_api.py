@@ -11,6 +11,7 @@ from torch import nn
 import quanta
 from quanta.errors import ConfigError, OptimizeError
 from quanta.optimize.corpus import docstring_paragraphs
+from quanta.optimize.prune import parameter_count
 
 
 def test_digits_classifier_keeps_its_accuracy_within_the_budget(digits, digits_mlp):
@@ -92,8 +93,7 @@ def test_pruning_with_a_time_budget_keeps_a_deeper_cut_recovered_by_distillation
     recovery = [d for d in recovered.decisions if d.change.startswith("distill a deeper cut")]
     assert len(recovery) == 1 and recovery[0].kept, recovered.decisions[-3:]
     assert recovered.quality.loss <= 0.002
-    size = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    assert size(recovered.model) < size(plain.model)
+    assert parameter_count(recovered.model) < parameter_count(plain.model)
 
 
 def test_a_time_budget_that_is_not_positive_is_a_config_error(digits_mlp):
