@@ -3,7 +3,7 @@
     quanta serve                     the built-in embedding model on 127.0.0.1:8000
     quanta run app.py:MyService      any Service class
     quanta optimize --recipe int8 --out DIR   a cheaper model that `serve --model DIR` loads
-    quanta info                      what this machine offers
+    quanta info [--json]             what this machine offers, as a table or JSON
     quanta keys --out DIR            a CURVE key pair for the workers' transport
 
 Every serving flag has a `QUANTA_<FLAG>` environment variable as its default,
@@ -157,6 +157,59 @@ def _optimize(args: argparse.Namespace) -> None:
     print(f"  quanta serve --model {args.out}")
 
 
+def _human_bytes(size: int) -> str:
+    if size <= 0:
+        return "unknown"
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= scale:
+            value = size / scale
+            return f"{value:.0f} {unit}" if value.is_integer() else f"{value:.1f} {unit}"
+    return f"{size} B"
+
+
+def _info(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from quanta import hardware
+
+    report = hardware.info()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+
+    def yes(flag: str) -> str:
+        return "yes" if report[flag] else "no"
+
+    table = Table(title="this machine")
+    table.add_column("field")
+    table.add_column("value")
+    table.add_row("CPU", report["cpu_model"])
+    table.add_row("cores", f"{report['cores']} usable by this process")
+    table.add_row("L1d cache", _human_bytes(report["l1d_bytes"]))
+    table.add_row("L2 cache", _human_bytes(report["l2_bytes"]))
+    table.add_row("L3 cache", _human_bytes(report["l3_bytes"]))
+    table.add_row("memory", _human_bytes(report["memory_bytes"]))
+    table.add_row("AVX-512F", yes("avx512f"))
+    table.add_row("AVX512-BF16", yes("avx512_bf16"))
+    table.add_row("AVX512-VNNI", yes("avx512_vnni"))
+    table.add_row(
+        "AMX tile / bf16 / int8", " / ".join(yes(f"amx_{k}") for k in ("tile", "bf16", "int8"))
+    )
+    table.add_row("fast paths", ", ".join(report["fast_paths"]) or "none")
+    for i, device in enumerate(report["cuda"]):
+        table.add_row(
+            f"CUDA {i}",
+            f"{device['name']}, {_human_bytes(device['memory_bytes'])}, "
+            f"compute capability {device['capability']}",
+        )
+    if not report["cuda"]:
+        table.add_row("CUDA", "none")
+    # the summary line first, plain: scripts grep it, and rich would wrap it
+    print(hardware.detect().describe())
+    Console().print(table)
+
+
 def _parse_options(pairs: list[str]) -> dict:
     options = {}
     for pair in pairs:
@@ -230,7 +283,8 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
 
-    commands.add_parser("info", help="print what this machine offers")
+    info = commands.add_parser("info", help="print what this machine offers")
+    info.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
 
     keys = commands.add_parser("keys", help="write a CURVE key pair: NAME.key and NAME.key_secret")
     keys.add_argument("--out", default=".", help="directory to write to (default: here)")
@@ -263,9 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "optimize":
             _optimize(args)
         elif args.command == "info":
-            from quanta import hardware
-
-            print(hardware.detect().describe())
+            _info(args)
         elif args.command == "keys":
             _keys(args)
         elif args.command == "worker":

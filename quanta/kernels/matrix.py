@@ -1,0 +1,209 @@
+"""`matmul`: a blocked, parallel matrix product that picks its precision by measured error.
+
+    >>> import numpy as np
+    >>> from quanta.kernels import matmul
+    >>> a, b = np.ones((300, 200), np.float32), np.ones((200, 100), np.float32)
+    >>> float(matmul(a, b)[0, 0])
+    200.0
+
+The product is cut into tiles (see `quanta.kernels.blocks`) so that its extra
+memory stays under a limit whatever the operand sizes, which lets operands be
+memmaps larger than RAM. Tiles run on a thread pool when there are several,
+since then torch's threading inside one tile does not fill the cores and a
+pool also overlaps reading a memmap with computing. The precision comes from
+`quanta.kernels.precision`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from quanta import hardware
+from quanta.errors import ConfigError
+from quanta.kernels import precision as precisions
+from quanta.kernels.blocks import (
+    Tiling,
+    check_operand,
+    default_memory_limit,
+    plan_tiling,
+    read_block,
+    release,
+)
+
+__all__ = ["matmul", "plan"]
+
+logger = logging.getLogger(__name__)
+
+# Tiles smaller than this much work (multiply-adds) run one after another: a
+# pool's hand-off costs more than it saves on them (docs/benchmarks.md).
+_POOL_MIN_TILE_WORK = 1 << 24
+# Memory a thread of the pool holds beyond its tiles: its own allocator arena
+# and the BLAS threads it starts. Measured: a pool of two on a fresh process
+# peaked about 20 MiB above the same tiles run in one thread.
+_THREAD_RESERVE_BYTES = 16 << 20
+
+
+def _device(*operands) -> torch.device:
+    for x in operands:
+        if isinstance(x, torch.Tensor) and x.device.type != "cpu":
+            return x.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def plan(
+    a,
+    b,
+    *,
+    precision: str = "auto",
+    tol: float = 1e-2,
+    block: int | None = None,
+    memory_limit: int | None = None,
+) -> tuple[precisions.Choice, Tiling]:
+    """Decide how `matmul(a, b)` would run: its precision and its tiles.
+
+    Takes the same arguments as `matmul`; see there.
+    """
+    (m, k), (k2, n) = check_operand(a, "a"), check_operand(b, "b")
+    if k != k2:
+        raise ConfigError(
+            f"a is {m}x{k} and b is {k2}x{n}: a's columns must equal b's rows; "
+            "transpose one of them"
+        )
+    memory_limit = default_memory_limit() if memory_limit is None else memory_limit
+    if memory_limit < 1:
+        raise ConfigError(f"memory_limit={memory_limit} must be a positive number of bytes")
+    tiling = plan_tiling(m, n, k, memory_limit=memory_limit, block=block)
+    workers = _workers(tiling, m, n, memory_limit)
+    if workers > 1 and block is None:
+        # Every thread holds its own tile step and its own working memory, so
+        # each gets a share of what the limit leaves after those.
+        share = (memory_limit - workers * _THREAD_RESERVE_BYTES) // workers
+        tiling = plan_tiling(m, n, k, memory_limit=share)
+    device = _device(a, b)
+
+    step = max(1, m // precisions.sample_rows(m))
+    rows = slice(0, step * precisions.sample_rows(m), step)
+    start = (n - precisions.sample_rows(n)) // 2
+    cols = slice(start, start + precisions.sample_rows(n))
+    sample_tiling = Tiling(tiling.bm, tiling.bn, tiling.bk)
+
+    def sample(p: str) -> torch.Tensor:
+        sa, sb = a[rows, :], b[:, cols]
+        out = torch.empty(sa.shape[0], sb.shape[1], device=device)
+        _run(sa, sb, p, sample_tiling, device, _tensor_writer(out), workers=1)
+        return out
+
+    choice = precisions.choose(sample, m * n * k, precision=precision, tol=tol, device=str(device))
+    return choice, tiling
+
+
+def matmul(
+    a,
+    b,
+    *,
+    precision: str = "auto",
+    tol: float = 1e-2,
+    block: int | None = None,
+    out=None,
+    memory_limit: int | None = None,
+):
+    """The product a @ b, in blocks, in the fastest precision that keeps `tol`.
+
+    Args:
+        a: m x k, a numpy array, a numpy memmap (any size) or a torch tensor.
+        b: k x n, the same kinds.
+        precision: "fp32", "bf16", "int8", or "auto": the fastest of them whose
+            relative error on a sample of the output stays under `tol`. The
+            choice is logged at INFO; `plan()` returns it without computing.
+        tol: the largest relative error auto accepts (Frobenius norm).
+        block: square tiles of this size instead of sizing them from memory.
+        out: an m x n array, memmap or tensor to write the result into.
+        memory_limit: bytes of extra memory the product may hold at once;
+            an eighth of the machine's memory by default.
+
+    Returns:
+        `out` if given; else a torch tensor if either operand is one (on its
+        device), else a float32 numpy array.
+
+    Raises:
+        ConfigError: operands of other kinds, ranks or mismatched shapes; an
+            `out` of the wrong shape; an unknown precision; a limit too small.
+    """
+    choice, tiling = plan(
+        a, b, precision=precision, tol=tol, block=block, memory_limit=memory_limit
+    )
+    m, n = a.shape[0], b.shape[1]
+    device = _device(a, b)
+    result, write = _output(out, m, n, a, b, device)
+    logger.info("matmul %dx%dx%d: %s, tiles %s", m, a.shape[1], n, choice.reason, tiling)
+    limit = default_memory_limit() if memory_limit is None else memory_limit
+    _run(a, b, choice.precision, tiling, device, write, workers=_workers(tiling, m, n, limit))
+    return result
+
+
+def _workers(tiling: Tiling, m: int, n: int, memory_limit: int) -> int:
+    tiles = -(-m // tiling.bm) * -(-n // tiling.bn)
+    if tiles < 2 or tiling.bm * tiling.bn * tiling.bk < _POOL_MIN_TILE_WORK:
+        return 1
+    workers = min(tiles, hardware.detect().cores)
+    return workers if memory_limit >= 4 * workers * _THREAD_RESERVE_BYTES else 1
+
+
+def _output(out, m: int, n: int, a, b, device: torch.device):
+    """The object to return and a function that writes one tile of it."""
+    if out is None:
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            out = torch.empty(m, n, device=device)
+        else:
+            out = np.empty((m, n), dtype=np.float32)
+    if not isinstance(out, np.ndarray | torch.Tensor):
+        raise ConfigError(f"out is a {type(out).__name__}; pass a numpy array, memmap or tensor")
+    if tuple(out.shape) != (m, n):
+        raise ConfigError(f"out has shape {tuple(out.shape)}; the product is {m}x{n}")
+    if isinstance(out, torch.Tensor):
+        return out, _tensor_writer(out)
+
+    def write(rows: slice, cols: slice, tile: torch.Tensor) -> None:
+        out[rows, cols] = tile.cpu().numpy()
+        release(out)
+
+    return out, write
+
+
+def _tensor_writer(out: torch.Tensor) -> Callable[[slice, slice, torch.Tensor], None]:
+    def write(rows: slice, cols: slice, tile: torch.Tensor) -> None:
+        out[rows, cols].copy_(tile)
+
+    return write
+
+
+def _run(a, b, precision: str, tiling: Tiling, device, write, *, workers: int) -> None:
+    """Compute every tile of a @ b and hand each to `write`."""
+    m, k = a.shape
+    n = b.shape[1]
+    slices = tiling.slices(k)
+
+    def tile(rows: slice, cols: slice) -> None:
+        total = None
+        for shared in slices:
+            part = precisions.product(
+                read_block(a, rows, shared, device), read_block(b, shared, cols, device), precision
+            )
+            total = part if total is None else total.add_(part)
+        if total is None:  # a shared dimension of zero: the product is all zeros
+            total = torch.zeros(rows.stop - rows.start, cols.stop - cols.start, device=device)
+        write(rows, cols, total)
+
+    tiles = tiling.tiles(m, n)
+    if workers == 1:
+        for rows, cols in tiles:
+            tile(rows, cols)
+        return
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="matmul") as pool:
+        for done in [pool.submit(tile, rows, cols) for rows, cols in tiles]:
+            done.result()
