@@ -1,6 +1,7 @@
 """The `quanta` command; the only place that configures logging.
 
     quanta serve                     the built-in embedding model on 127.0.0.1:8000
+    quanta serve --index FILE        ... and /v1/search over a text collection
     quanta run app.py:MyService      any Service class
     quanta optimize --recipe int8 --out DIR   a cheaper model that `serve --model DIR` loads
     quanta info [--json]             what this machine offers, as a table or JSON
@@ -16,13 +17,16 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 
-from quanta.errors import QuantaError
+from quanta.errors import ConfigError, QuantaError
 
 __all__ = ["main", "configure_logging"]
 
 logger = logging.getLogger(__name__)
+
+SEARCH_SERVICE = "quanta.models.search:MiniLMSearch"
 
 
 def configure_logging(level: str) -> None:
@@ -103,6 +107,29 @@ def _serve(args: argparse.Namespace, service: str, options: dict) -> None:
         timeout_graceful_shutdown=5,
         log_level=args.log_level,
     )
+
+
+def _serve_builtin(args: argparse.Namespace) -> None:
+    from quanta.serving.config import BUILTIN_SERVICE
+
+    options = {"model": args.model, "precision": args.precision}
+    if args.index is None:
+        _serve(args, BUILTIN_SERVICE, options)
+        return
+    from quanta.models.collection import read_collection
+
+    # The collection is checked here, so a bad file stops the server before
+    # any model loads; embedding runs in a child process, which keeps torch
+    # out of the gateway and shows its progress bar on this terminal.
+    index = str(read_collection(args.index).path.resolve())
+    command = [sys.executable, "-m", "quanta.models.index", index, "--model", args.model]
+    command += ["--precision", args.precision]
+    if args.index_cache is not None:
+        command += ["--cache-dir", args.index_cache]
+    if subprocess.run(command).returncode != 0:
+        raise ConfigError(f"embedding the collection {index} failed (see above)")
+    options.update(index=index, cache_dir=args.index_cache)
+    _serve(args, SEARCH_SERVICE, options)
 
 
 def _keys(args: argparse.Namespace) -> None:
@@ -237,6 +264,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--precision", default=_env("--precision", "auto"), choices=["auto", "fp32", "bf16"]
     )
+    serve.add_argument(
+        "--index",
+        default=_env("--index", None),
+        metavar="FILE",
+        help="also serve /v1/search over this collection (.txt: a text a line; .jsonl: id, text)",
+    )
+    serve.add_argument(
+        "--index-cache",
+        default=_env("--index-cache", None),
+        metavar="DIR",
+        help="where the collection's vectors are cached (default: beside the file)",
+    )
     _add_serving_flags(serve)
 
     run = commands.add_parser("run", help="serve a Service class: quanta run app.py:MyService")
@@ -305,13 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(getattr(args, "log_level", "info"))
     try:
         if args.command == "serve":
-            from quanta.serving.config import BUILTIN_SERVICE
-
-            _serve(
-                args,
-                BUILTIN_SERVICE,
-                {"model": args.model, "precision": args.precision},
-            )
+            _serve_builtin(args)
         elif args.command == "run":
             _serve(args, args.service, _parse_options(args.option))
         elif args.command == "optimize":

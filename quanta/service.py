@@ -58,7 +58,11 @@ __all__ = [
 # How an endpoint's HTTP body maps to a batch of inputs and back.
 #   json               {"inputs": [...]} -> {"outputs": [...]}
 #   openai.embeddings  the OpenAI embeddings API; inputs are strings, outputs vectors
-API_KINDS = ("json", "openai.embeddings")
+#   search             {"query": ..., "k": ...} over the service's `collection`; the
+#                      gateway embeds the queries with the embeddings endpoint, then
+#                      sends each shard of the collection items {vector, k, shard,
+#                      shards} and merges their {scores, indices}
+API_KINDS = ("json", "openai.embeddings", "search")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 BENCHMARKS = {
+    "kernels": "quanta.bench.kernels",
     "optimize": "quanta.bench.optimize",
     "serve": "quanta.bench.serve",
     "transport": "quanta.bench.transport",

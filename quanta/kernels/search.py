@@ -10,10 +10,11 @@ The corpus is scored one block of rows at a time, so the scores held at once
 are one block whatever the corpus size. Scores in a low precision pick the
 candidates and fp32 decides among them:
 
-1. Scores of a block come from int8 (or bf16) codes of the corpus. The int8
-   codes scale each dimension of the corpus to [-127, 127]; that scale is
-   folded into the query, which is then coded per row, so the int32 sums rank
-   the block exactly as the approximate scores do, with no rescaling pass.
+1. Scores of a block come from int8 (or bf16) codes of the corpus minus its
+   mean, which shifts every score of a query alike and so keeps the ranking.
+   The int8 codes scale each dimension to [-127, 127]; that scale is folded
+   into the query, which is then coded per row, so the int32 sums rank the
+   block exactly as the approximate scores do, with no rescaling pass.
 2. Each group of `GROUP` rows of a block keeps only its best score, and a
    running top list keeps the `k * candidates` best groups per query. A group
    holding one of the best rows always has a score at least that row's, so
@@ -28,7 +29,9 @@ larger `candidates` makes that rarer (docs/benchmarks.md measures recall).
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -38,7 +41,7 @@ from quanta.errors import ConfigError
 from quanta.kernels import precision as precisions
 from quanta.kernels.blocks import check_operand, read_block, release
 
-__all__ = ["Corpus", "TopK", "topk", "GROUP"]
+__all__ = ["Corpus", "TopK", "topk", "fastest_scores", "GROUP"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ class Corpus:
         vectors: n x d, a numpy array, memmap or torch tensor; kept by reference
             for the fp32 stage, so a memmap stays on disk.
         precision: the candidate stage's precision: "int8", "bf16", "fp32", or
-            "auto", the fastest on this device (fp32 decides in every case).
+            "auto", the fastest here (`fastest_scores`); fp32 decides in every case.
         offset: the index of the first row, for a shard of a larger corpus.
 
     Raises:
@@ -79,7 +82,7 @@ class Corpus:
     def __init__(self, vectors, *, precision: str = "auto", offset: int = 0):
         n, d = check_operand(vectors, "corpus")
         if precision == "auto":
-            precision = precisions.speed_order("cpu")[0]
+            precision = fastest_scores()
         if precision not in precisions.PRECISIONS:
             raise ConfigError(
                 f"precision={precision!r} is not 'auto' or one of {precisions.PRECISIONS}"
@@ -87,27 +90,42 @@ class Corpus:
         self.vectors, self.size, self.dim = vectors, n, d
         self.precision, self.offset = precision, offset
         self.scale = torch.ones(d)
+        self.center = self._mean() if precision != "fp32" else torch.zeros(d)
         if precision == "int8":
             self.codes = self._int8_codes()
         else:
             dtype = torch.bfloat16 if precision == "bf16" else torch.float32
             self.codes = torch.empty(n, d, dtype=dtype)
-            for rows in _row_slices(n, _CODE_ROWS):
-                self.codes[rows] = read_block(vectors, rows, slice(None), torch.device("cpu"))
+            for rows in self._blocks():
+                self.codes[rows] = self._centered(rows)
         logger.debug("corpus of %d x %d prepared in %s", n, d, precision)
 
+    def _blocks(self) -> list[slice]:
+        return _row_slices(self.size, _CODE_ROWS)
+
+    def _centered(self, rows: slice) -> torch.Tensor:
+        # Codes hold each row minus the corpus mean: that shifts all of a
+        # query's scores by the same q . mean, so the ranking is unchanged, and
+        # the low precision spends its range on what tells rows apart. Without
+        # it, embeddings that share a direction lose their order to rounding.
+        return read_block(self.vectors, rows, slice(None), torch.device("cpu")) - self.center
+
+    def _mean(self) -> torch.Tensor:
+        total = torch.zeros(self.dim, dtype=torch.float64)
+        for rows in self._blocks():
+            total += read_block(self.vectors, rows, slice(None), torch.device("cpu")).sum(0)
+        return (total / max(1, self.size)).float()
+
     def _int8_codes(self) -> torch.Tensor:
-        # Two passes of bounded memory: the largest magnitude of each dimension,
+        # Passes of bounded memory: the largest magnitude of each dimension,
         # then the codes.
         peak = torch.zeros(self.dim)
-        for rows in _row_slices(self.size, _CODE_ROWS):
-            block = read_block(self.vectors, rows, slice(None), torch.device("cpu"))
-            torch.maximum(peak, block.abs().amax(0), out=peak)
+        for rows in self._blocks():
+            torch.maximum(peak, self._centered(rows).abs_().amax(0), out=peak)
         self.scale = peak.clamp_(min=1e-30) / 127
         codes = torch.empty(self.size, self.dim, dtype=torch.int8)
-        for rows in _row_slices(self.size, _CODE_ROWS):
-            block = read_block(self.vectors, rows, slice(None), torch.device("cpu"))
-            codes[rows] = torch.round(block / self.scale)
+        for rows in self._blocks():
+            codes[rows] = self._centered(rows).div_(self.scale).round_()
         return codes
 
     def shard(self, index: int, count: int) -> Corpus:
@@ -119,6 +137,7 @@ class Corpus:
         part = object.__new__(Corpus)
         part.vectors, part.size, part.dim = self.vectors[lo:hi], hi - lo, self.dim
         part.precision, part.offset, part.scale = self.precision, self.offset + lo, self.scale
+        part.center = self.center
         part.codes = self.codes[lo:hi]
         return part
 
@@ -129,6 +148,33 @@ class Corpus:
             step = folded.abs().amax(1, keepdim=True).clamp_(min=1e-30) / 127
             return torch.round(folded / step).to(torch.int8)
         return queries.to(self.codes.dtype)
+
+
+@functools.cache
+def fastest_scores() -> str:
+    """The precision whose scores of coded vectors come fastest here, timed on one block.
+
+    Unlike a general product, the corpus is coded once, so only the product of
+    codes counts: int8 wins wherever the CPU multiplies int8 in hardware (VNNI,
+    AMX), even where quantizing both operands on every call would not pay.
+    """
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(_QUERY_ROWS // 2, 384, generator=generator)
+    corpus = torch.randn(_BLOCK_ROWS, 384, generator=generator)
+    seconds = {}
+    for precision in precisions.PRECISIONS:
+        if precision == "int8":
+            q, c = (x.mul(30).round_().clamp_(-127, 127).to(torch.int8) for x in (queries, corpus))
+        else:
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            q, c = queries.to(dtype), corpus.to(dtype)
+        _scores(q, c)  # the first call of a kernel pays its setup
+        start = time.perf_counter()
+        for _ in range(5):
+            _scores(q, c)
+        seconds[precision] = time.perf_counter() - start
+    logger.debug("score speed: %s", {p: f"{s * 1e3:.1f} ms" for p, s in seconds.items()})
+    return min(seconds, key=seconds.__getitem__)
 
 
 def _row_slices(n: int, rows: int) -> list[slice]:

@@ -20,6 +20,7 @@ __all__ = [
     "APIError",
     "EmbeddingRequest",
     "InputsRequest",
+    "SearchRequest",
     "JSONResponse",
     "embedding_response",
     "error_body",
@@ -91,6 +92,17 @@ class EmbeddingRequest(BaseModel):
         description="Keep the first N dimensions of each embedding and rescale to unit length.",
     )
     user: StrictStr | None = Field(None, description="Ignored; accepted for compatibility.")
+
+
+class SearchRequest(BaseModel):
+    """The body of POST /v1/search."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    query: StrictStr | list[StrictStr] = Field(
+        description="A text, or a list of texts, to find the nearest texts of the collection for."
+    )
+    k: StrictInt = Field(10, description="How many results per query, 1 to the collection size.")
 
 
 class InputsRequest(BaseModel):

@@ -36,6 +36,7 @@ from quanta.serving.config import ServerConfig
 from quanta.serving.metrics import Metrics
 from quanta.serving.middleware import APIKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from quanta.serving.pool import WorkerPool
+from quanta.serving.search import add_search_route, check_search_service
 
 __all__ = ["create_app"]
 
@@ -46,6 +47,8 @@ _EXPECTED = {
     "input": "expected a string or a list of strings",
     "model": "expected the model's name as a string",
     "inputs": "expected a list of inputs",
+    "query": "expected a string or a list of strings",
+    "k": "expected an integer",
 }
 
 # Sizing this many inputs or more runs in a thread, off the event loop.
@@ -69,21 +72,32 @@ class Gateway:
         for spec in self.specs.values():
             if spec.api == "openai.embeddings" and not isinstance(cls.dimensions, int):
                 raise ServiceError(f"{cls.__name__} serves embeddings but sets no `dimensions`")
+            if spec.api == "search":
+                check_search_service(self.service, self.specs)
         self.metrics = Metrics()
         self.pool: WorkerPool | None = None
         self.batchers: dict[str, Batcher] = {}
+        # A search endpoint has one batcher per shard of its collection.
+        self.shard_batchers: dict[str, list[Batcher]] = {}
 
     async def start(self) -> None:
         self.pool = WorkerPool(self.config, self.metrics)
         await self.pool.start()
         for name, spec in self.specs.items():
-            self.batchers[name] = Batcher(
-                spec, self.pool, self.metrics, max_queue=self.config.max_queue
-            )
-            self.batchers[name].start()
+            if spec.api == "search":
+                shards = max(1, min(self.config.worker_count, len(self.service.collection)))
+                self.shard_batchers[name] = [self._batcher(spec) for _ in range(shards)]
+            else:
+                self.batchers[name] = self._batcher(spec)
+
+    def _batcher(self, spec: EndpointSpec) -> Batcher:
+        batcher = Batcher(spec, self.pool, self.metrics, max_queue=self.config.max_queue)
+        batcher.start()
+        return batcher
 
     async def stop(self) -> None:
-        for batcher in self.batchers.values():
+        shard_batchers = [b for group in self.shard_batchers.values() for b in group]
+        for batcher in [*self.batchers.values(), *shard_batchers]:
             await batcher.stop()
         if self.pool is not None:
             await self.pool.stop()
@@ -102,10 +116,17 @@ class Gateway:
             )
         return sizes
 
-    async def collect(self, spec: EndpointSpec, values: list, sizes: list[int] | None) -> list:
-        """Queue the inputs and wait for all their outputs, in order."""
+    async def collect(
+        self,
+        spec: EndpointSpec,
+        values: list,
+        sizes: list[int] | None,
+        batcher: Batcher | None = None,
+    ) -> list:
+        """Queue the inputs (on the endpoint's batcher by default) and wait for their outputs."""
+        batcher = batcher or self.batchers[spec.name]
         try:
-            futures = self.batchers[spec.name].submit(values, sizes)
+            futures = batcher.submit(values, sizes)
         except QueueFullError as exc:
             raise APIError(503, str(exc), code="queue_full") from exc
         timeout = self.config.request_timeout_s
@@ -254,6 +275,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     for spec in gateway.specs.values():
         if spec.api == "openai.embeddings":
             _add_embeddings_route(app, gateway, spec)
+        elif spec.api == "search":
+            add_search_route(app, gateway, spec)
         else:
             _add_inputs_route(app, gateway, spec)
 

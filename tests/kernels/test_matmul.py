@@ -81,7 +81,9 @@ def test_inputs_are_left_unchanged():
 @pytest.mark.parametrize("kind", ["numpy", "torch"])
 def test_out_receives_the_product(kind):
     a, b = gaussian(129, 65), gaussian(65, 257)
-    out = np.full((129, 257), np.nan, np.float32) if kind == "numpy" else torch.full((129, 257), 7.0)
+    out = (
+        np.full((129, 257), np.nan, np.float32) if kind == "numpy" else torch.full((129, 257), 7.0)
+    )
     result = matmul(a, b, out=out, precision="fp32", block=64)
     assert result is out
     np.testing.assert_allclose(np.asarray(out), a @ b, rtol=1e-4, atol=1e-4)
@@ -89,7 +91,9 @@ def test_out_receives_the_product(kind):
 
 def test_memmaps_in_and_out(tmp_path):
     a_data, b_data = gaussian(700, 300, seed=7), gaussian(300, 500, seed=8)
-    a = np.lib.format.open_memmap(tmp_path / "a.npy", mode="w+", dtype=np.float32, shape=a_data.shape)
+    a = np.lib.format.open_memmap(
+        tmp_path / "a.npy", mode="w+", dtype=np.float32, shape=a_data.shape
+    )
     a[:] = a_data
     b = np.memmap(tmp_path / "b.f32", mode="w+", dtype=np.float32, shape=b_data.shape)
     b[:] = b_data

@@ -27,7 +27,8 @@ _SCRIPT = textwrap.dedent(
     directory, limit = sys.argv[1], int(sys.argv[2])
     a = np.load(directory + "/a.npy", mmap_mode="r")
     b = np.load(directory + "/b.npy", mmap_mode="r")
-    out = np.lib.format.open_memmap(directory + "/c.npy", "w+", np.float32, (a.shape[0], b.shape[1]))
+    shape = (a.shape[0], b.shape[1])
+    out = np.lib.format.open_memmap(directory + "/c.npy", "w+", np.float32, shape)
     matmul(np.ones((256, 256), np.float32), np.ones((256, 256), np.float32), precision="int8")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
