@@ -36,6 +36,14 @@ import numpy as np
 import torch
 
 from quanta import hardware
+from quanta.bench.kernels_peers import (
+    PEER_BLOCK,
+    faiss_unavailable,
+    numpy_topk,
+    recall,
+    torch_topk,
+    unit_rows,
+)
 from quanta.kernels import Corpus, matmul, plan, topk
 
 __all__ = ["main"]
@@ -45,71 +53,12 @@ FAISS_FLAT, QUANTA_TOPK = "faiss IndexFlatIP", "quanta topk"
 MATMUL_SPEEDUP, TOPK_SPEEDUP, RECALL = 4.0, 3.0, 0.999
 # Every 16th row of a is multiplied again in float64 to measure each row's error.
 ERROR_ROW_STEP = 16
-# Corpus rows the numpy and torch peers score at once: 1,000 queries by 16,384
-# rows is 64 MiB of scores, where the whole corpus at once would be gigabytes.
-PEER_BLOCK = 16384
 # Queries of the untimed first call of each top-k row: enough for faiss to take
 # its BLAS path (it searches fewer than 20 queries another way).
 WARMUP_QUERIES = 64
 # A 1-minute load average above this share of the cores means others were running.
 BUSY_LOAD = 0.5
 DEFAULT_CANDIDATES = inspect.signature(topk).parameters["candidates"].default
-
-
-# -- data and peers ----------------------------------------------------------------
-
-
-def _unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
-    """n Gaussian rows scaled to unit length, normalized in place a block at a time."""
-    x = rng.standard_normal((n, d), dtype=np.float32)
-    for start in range(0, n, PEER_BLOCK):
-        block = x[start : start + PEER_BLOCK]
-        block /= np.linalg.norm(block, axis=1, keepdims=True)
-    return x
-
-
-def _numpy_topk(queries: np.ndarray, corpus: np.ndarray, k: int) -> np.ndarray:
-    """Brute force as a numpy user writes it: score a block, keep a running top k."""
-    best_s = np.full((len(queries), k), -np.inf, np.float32)
-    best_i = np.zeros((len(queries), k), np.int64)
-    for start in range(0, len(corpus), PEER_BLOCK):
-        scores = queries @ corpus[start : start + PEER_BLOCK].T
-        width = min(k, scores.shape[1])  # the last block may hold fewer than k rows
-        part = np.argpartition(scores, -width, axis=1)[:, -width:]
-        s = np.concatenate([best_s, np.take_along_axis(scores, part, 1)], axis=1)
-        i = np.concatenate([best_i, part + start], axis=1)
-        keep = np.argpartition(s, -k, axis=1)[:, -k:]
-        best_s, best_i = np.take_along_axis(s, keep, 1), np.take_along_axis(i, keep, 1)
-    order = np.argsort(-best_s, axis=1)
-    return np.take_along_axis(best_i, order, 1)
-
-
-def _torch_topk(queries: np.ndarray, corpus: np.ndarray, k: int) -> np.ndarray:
-    """The same in torch: a block's scores, torch.topk, merged with the running top k."""
-    q, c = torch.from_numpy(queries), torch.from_numpy(corpus)
-    best_s = torch.full((len(q), k), float("-inf"))
-    best_i = torch.zeros((len(q), k), dtype=torch.long)
-    for start in range(0, len(c), PEER_BLOCK):
-        top = (q @ c[start : start + PEER_BLOCK].T).topk(min(k, len(c) - start), dim=1)
-        s = torch.cat([best_s, top.values], dim=1)
-        i = torch.cat([best_i, top.indices + start], dim=1)
-        keep = s.topk(k, dim=1)
-        best_s, best_i = keep.values, i.gather(1, keep.indices)
-    return best_i.numpy()
-
-
-def _faiss_unavailable() -> str | None:
-    try:
-        import faiss  # noqa: F401
-    except ImportError as exc:
-        return f"faiss is not installed ({exc}); pip install 'quanta[bench]'"
-    return None
-
-
-def _recall(found: np.ndarray, exact: np.ndarray) -> float:
-    """The share of the exact top k that a row found, over all queries."""
-    hits = (found[:, :, None] == exact[:, None, :]).any(axis=2)
-    return float(hits.mean())
 
 
 # -- timing ------------------------------------------------------------------------
@@ -184,16 +133,16 @@ def _matmul_part(args: argparse.Namespace, rng: np.random.Generator) -> dict:
 
 def _topk_part(args: argparse.Namespace, rng: np.random.Generator) -> dict:
     n, d, k = args.corpus_size, args.dim, args.k
-    corpus, queries = _unit_rows(rng, n, d), _unit_rows(rng, args.queries, d)
+    corpus, queries = unit_rows(rng, n, d), unit_rows(rng, args.queries, d)
     print(f"top-k: {n} x {d} corpus, {args.queries} queries, k={k}; the exact top k", flush=True)
-    exact = _torch_topk(queries, corpus, k)
+    exact = torch_topk(queries, corpus, k)
 
     rows = {
-        NUMPY_FP32: lambda q: _numpy_topk(q, corpus, k),
-        TORCH_FP32: lambda q: _torch_topk(q, corpus, k),
+        NUMPY_FP32: lambda q: numpy_topk(q, corpus, k),
+        TORCH_FP32: lambda q: torch_topk(q, corpus, k),
     }
     build, skipped = {}, []
-    if reason := _faiss_unavailable():
+    if reason := faiss_unavailable():
         skipped.append({"name": FAISS_FLAT, "outcome": "skipped", "error": reason})
         print(f"{FAISS_FLAT}: skipped, {reason}", flush=True)
     else:
@@ -216,7 +165,7 @@ def _topk_part(args: argparse.Namespace, rng: np.random.Generator) -> dict:
         build.setdefault(name, build[QUANTA_TOPK])
 
     def judge(found) -> dict:
-        return {f"recall_at_{k}": _recall(np.asarray(found), exact)}
+        return {f"recall_at_{k}": recall(np.asarray(found), exact)}
 
     timed = _time_rows(rows, (queries,), (queries[:WARMUP_QUERIES],), judge, args.rounds)
     base = timed.get(FAISS_FLAT, {}).get("best_s")

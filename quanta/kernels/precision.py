@@ -37,8 +37,9 @@ PRECISIONS = ("fp32", "bf16", "int8")
 _AUTO_MIN_WORK = 1 << 26
 # The sample auto compares: up to this many rows of A and columns of B.
 _SAMPLE = 256
-# The product timed to rank the precisions of a device.
+# The product timed to rank the precisions of a device, and its rounds.
 _PROBE = 512
+_PROBE_ROUNDS = 7
 
 
 def _int8_rows(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,26 +91,28 @@ def relative_error(candidate: torch.Tensor, reference: torch.Tensor) -> float:
 
 @functools.cache
 def speed_order(device: str) -> tuple[str, ...]:
-    """The precisions from fastest to slowest on `device`, timed on one square product."""
+    """The precisions from fastest to slowest on `device`, timed on one square product.
+
+    The precisions take turns for several rounds and each keeps its best
+    round, so a burst of other load on a shared machine falls on all alike.
+    """
     torch_device = torch.device(device)
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(_PROBE, _PROBE, generator=generator).to(torch_device)
     b = torch.randn(_PROBE, _PROBE, generator=generator).to(torch_device)
-    seconds = {}
     for precision in PRECISIONS:
         product(a, b, precision)  # the first call of a kernel pays its setup
-        best = float("inf")
-        for _ in range(3):
+    seconds = dict.fromkeys(PRECISIONS, float("inf"))
+    for _ in range(_PROBE_ROUNDS):
+        for precision in PRECISIONS:
             start = time.perf_counter()
             product(a, b, precision)
             if torch_device.type == "cuda":
                 torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-        seconds[precision] = best
+            seconds[precision] = min(seconds[precision], time.perf_counter() - start)
     order = tuple(sorted(PRECISIONS, key=seconds.__getitem__))
-    logger.debug(
-        "precision speed on %s: %s", device, {p: f"{s * 1e3:.1f} ms" for p, s in seconds.items()}
-    )
+    timings = {p: f"{s * 1e3:.2f} ms" for p, s in seconds.items()}
+    logger.debug("precision speed on %s: %s", device, timings)
     return order
 
 

@@ -102,7 +102,9 @@ class SearchRequest(BaseModel):
     query: StrictStr | list[StrictStr] = Field(
         description="A text, or a list of texts, to find the nearest texts of the collection for."
     )
-    k: StrictInt = Field(10, description="How many results per query, 1 to the collection size.")
+    k: StrictInt | None = Field(
+        None, description="Results per query, 1 to the collection size; 10 (or all) by default."
+    )
 
 
 class InputsRequest(BaseModel):

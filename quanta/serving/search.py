@@ -51,9 +51,10 @@ def add_search_route(app: FastAPI, gateway, spec: EndpointSpec) -> None:
                     code="empty_input",
                     param="query",
                 )
-        if not 1 <= body.k <= len(collection):
+        k = min(10, len(collection)) if body.k is None else body.k
+        if not 1 <= k <= len(collection):
             message = (
-                f"k={body.k} is out of range: the collection holds {len(collection)} texts, "
+                f"k={k} is out of range: the collection holds {len(collection)} texts, "
                 f"so use 1 to {len(collection)}"
             )
             raise APIError(400, message, code="invalid_k", param="k")
@@ -63,7 +64,7 @@ def add_search_route(app: FastAPI, gateway, spec: EndpointSpec) -> None:
         batchers = gateway.shard_batchers[spec.name]
         items = [
             [
-                {"vector": vector.tolist(), "k": body.k, "shard": shard, "shards": len(batchers)}
+                {"vector": vector.tolist(), "k": k, "shard": shard, "shards": len(batchers)}
                 for vector in vectors
             ]
             for shard in range(len(batchers))
@@ -77,7 +78,7 @@ def add_search_route(app: FastAPI, gateway, spec: EndpointSpec) -> None:
         data = []
         for index, query in enumerate(queries):
             parts = [(answer[index]["scores"], answer[index]["indices"]) for answer in answers]
-            scores, rows = merge_topk(parts, body.k)
+            scores, rows = merge_topk(parts, k)
             results = [
                 {"id": collection.ids[row], "text": collection.texts[row], "score": float(score)}
                 for score, row in zip(scores, rows, strict=True)

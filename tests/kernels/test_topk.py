@@ -97,6 +97,12 @@ def test_shards_merged_equal_the_whole(tmp_path):
         (lambda c: Corpus(np.ones(5)), "pass a 2-D matrix"),
         (lambda c: Corpus(np.ones((5, 2)), precision="int4"), "'int4' is not 'auto'"),
         (lambda c: c.shard(3, 3), "shard 3 of 3 does not exist"),
+        (
+            lambda c: topk(
+                unit_rows(2, 8, 0), Corpus(c.vectors, precision="int8"), 1, precision="bf16"
+            ),
+            "cannot apply to a Corpus prepared in 'int8'",
+        ),
     ],
 )
 def test_bad_input_is_refused(call, message):
