@@ -21,6 +21,7 @@ timed; preparing an index or a corpus is reported apart.
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import os
@@ -56,6 +57,10 @@ ERROR_ROW_STEP = 16
 # Queries of the untimed first call of each top-k row: enough for faiss to take
 # its BLAS path (it searches fewer than 20 queries another way).
 WARMUP_QUERIES = 64
+# Tile sides of the rows that compare running tiles in order and on the pool.
+TILE_SIDES = (256, 128)
+# Seconds of rest before each timed row: longer than the spin of idle BLAS threads.
+SETTLE_S = 1.0
 # A 1-minute load average above this share of the cores means others were running.
 BUSY_LOAD = 0.5
 DEFAULT_CANDIDATES = inspect.signature(topk).parameters["candidates"].default
@@ -74,6 +79,10 @@ def _time_rows(
     seconds, judged = {name: [] for name in rows}, {}
     for index in range(rounds):
         for name, run in rows.items():
+            # BLAS and OpenMP threads spin for a while after a parallel call
+            # (OpenBLAS, MKL, libgomp all do); a pause keeps one row's spinning
+            # threads from slowing the next row.
+            time.sleep(SETTLE_S)
             start = time.perf_counter()
             result = run(*args)
             seconds[name].append(time.perf_counter() - start)
@@ -95,6 +104,10 @@ def _time_rows(
 # -- the two parts -----------------------------------------------------------------
 
 
+def _tiled(a: np.ndarray, b: np.ndarray, *, block: int, threads: int | None) -> np.ndarray:
+    return matmul(a, b, precision="fp32", block=block, threads=threads)
+
+
 def _matmul_part(args: argparse.Namespace, rng: np.random.Generator) -> dict:
     size, tol = args.matmul_size, args.tol
     a = rng.standard_normal((size, size), dtype=np.float32)
@@ -106,7 +119,8 @@ def _matmul_part(args: argparse.Namespace, rng: np.random.Generator) -> dict:
         c = c.numpy() if isinstance(c, torch.Tensor) else c
         return {"rel_error": float(np.linalg.norm(c[::ERROR_ROW_STEP] - reference) / norm)}
 
-    choice, tiling = plan(a, b, tol=tol)
+    how = plan(a, b, tol=tol)
+    choice = how.choice
     rows = {
         NUMPY_FP32: lambda x, y: x @ y,
         TORCH_FP32: lambda x, y: torch.from_numpy(x) @ torch.from_numpy(y),
@@ -114,9 +128,17 @@ def _matmul_part(args: argparse.Namespace, rng: np.random.Generator) -> dict:
         "quanta bf16": lambda x, y: matmul(x, y, precision="bf16"),
         "quanta int8": lambda x, y: matmul(x, y, precision="int8"),
     }
+    # Small tiles, as a tight memory limit makes them: one thread after another
+    # (torch's threads inside each tile) against a pool of one thread per core.
+    for side in TILE_SIDES:
+        for threads, label in ((1, "in order"), (None, "pool")):
+            rows[f"quanta fp32, {side} tiles, {label}"] = functools.partial(
+                _tiled, block=side, threads=threads
+            )
     print(f"matmul {size}^3: {choice.reason}", flush=True)
     timed = _time_rows(rows, (a, b), (a, b), judge, args.rounds)
     precision = {"quanta auto": choice.precision, "quanta bf16": "bf16", "quanta int8": "int8"}
+    pool_threads = plan(a, b, precision="fp32", block=TILE_SIDES[0]).threads
     for name, row in timed.items():
         row["name"], row["precision"] = name, precision.get(name, "fp32")
         row["gflops"] = 2 * size**3 / row["best_s"] / 1e9
@@ -126,7 +148,8 @@ def _matmul_part(args: argparse.Namespace, rng: np.random.Generator) -> dict:
         "size": size,
         "tol": tol,
         "auto_choice": auto,
-        "tiling": str(tiling),
+        "tiling": str(how.tiling),
+        "pool_threads": pool_threads,
         "rows": list(timed.values()),
     }
 

@@ -15,11 +15,12 @@ import importlib
 
 from quanta.kernels.merge import merge_topk
 
-__all__ = ["Corpus", "TopK", "matmul", "merge_topk", "plan", "topk"]
+__all__ = ["Corpus", "Plan", "TopK", "matmul", "merge_topk", "plan", "topk"]
 
 _LAZY = {
     "matmul": "quanta.kernels.matrix",
     "plan": "quanta.kernels.matrix",
+    "Plan": "quanta.kernels.matrix",
     "Corpus": "quanta.kernels.search",
     "TopK": "quanta.kernels.search",
     "topk": "quanta.kernels.search",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from quanta.kernels.blocks import (
     release,
 )
 
-__all__ = ["matmul", "plan"]
+__all__ = ["Plan", "matmul", "plan"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,14 @@ def _device(*operands) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class Plan(NamedTuple):
+    """How a product runs: its precision (and why), its tiles, and the threads running them."""
+
+    choice: precisions.Choice
+    tiling: Tiling
+    threads: int
+
+
 def plan(
     a,
     b,
@@ -63,8 +72,9 @@ def plan(
     tol: float = 1e-2,
     block: int | None = None,
     memory_limit: int | None = None,
-) -> tuple[precisions.Choice, Tiling]:
-    """Decide how `matmul(a, b)` would run: its precision and its tiles.
+    threads: int | None = None,
+) -> Plan:
+    """Decide how `matmul(a, b)` would run, without computing it.
 
     Takes the same arguments as `matmul`; see there.
     """
@@ -77,29 +87,31 @@ def plan(
     memory_limit = default_memory_limit() if memory_limit is None else memory_limit
     if memory_limit < 1:
         raise ConfigError(f"memory_limit={memory_limit} must be a positive number of bytes")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads={threads} must be at least 1, or None to choose")
     tiling = plan_tiling(m, n, k, memory_limit=memory_limit, block=block)
-    workers = _workers(tiling, m, n, memory_limit)
+    workers = _workers(tiling, m, n, memory_limit) if threads is None else threads
     if workers > 1 and block is None:
         # Every thread holds its own tile step and its own working memory, so
         # each gets a share of what the limit leaves after those.
-        share = (memory_limit - workers * _THREAD_RESERVE_BYTES) // workers
+        share = max(1, (memory_limit - workers * _THREAD_RESERVE_BYTES) // workers)
         tiling = plan_tiling(m, n, k, memory_limit=share)
+    workers = min(workers, len(tiling.tiles(m, n)))
     device = _device(a, b)
 
     step = max(1, m // precisions.sample_rows(m))
     rows = slice(0, step * precisions.sample_rows(m), step)
     start = (n - precisions.sample_rows(n)) // 2
     cols = slice(start, start + precisions.sample_rows(n))
-    sample_tiling = Tiling(tiling.bm, tiling.bn, tiling.bk)
 
     def sample(p: str) -> torch.Tensor:
         sa, sb = a[rows, :], b[:, cols]
         out = torch.empty(sa.shape[0], sb.shape[1], device=device)
-        _run(sa, sb, p, sample_tiling, device, _tensor_writer(out), workers=1)
+        _run(sa, sb, p, tiling, device, _tensor_writer(out), workers=1)
         return out
 
     choice = precisions.choose(sample, m * n * k, precision=precision, tol=tol, device=str(device))
-    return choice, tiling
+    return Plan(choice, tiling, max(1, workers))
 
 
 def matmul(
@@ -111,6 +123,7 @@ def matmul(
     block: int | None = None,
     out=None,
     memory_limit: int | None = None,
+    threads: int | None = None,
 ):
     """The product a @ b, in blocks, in the fastest precision that keeps `tol`.
 
@@ -125,6 +138,10 @@ def matmul(
         out: an m x n array, memmap or tensor to write the result into.
         memory_limit: bytes of extra memory the product may hold at once;
             an eighth of the machine's memory by default.
+        threads: tiles computed at once. By default one per core when there
+            are several tiles of at least 256^3 multiply-adds and the limit
+            has room for each thread; otherwise one, and torch's own threads
+            work inside each tile.
 
     Returns:
         `out` if given; else a torch tensor if either operand is one (on its
@@ -134,20 +151,33 @@ def matmul(
         ConfigError: operands of other kinds, ranks or mismatched shapes; an
             `out` of the wrong shape; an unknown precision; a limit too small.
     """
-    choice, tiling = plan(
-        a, b, precision=precision, tol=tol, block=block, memory_limit=memory_limit
+    how = plan(
+        a,
+        b,
+        precision=precision,
+        tol=tol,
+        block=block,
+        memory_limit=memory_limit,
+        threads=threads,
     )
     m, n = a.shape[0], b.shape[1]
     device = _device(a, b)
     result, write = _output(out, m, n, a, b, device)
-    logger.info("matmul %dx%dx%d: %s, tiles %s", m, a.shape[1], n, choice.reason, tiling)
-    limit = default_memory_limit() if memory_limit is None else memory_limit
-    _run(a, b, choice.precision, tiling, device, write, workers=_workers(tiling, m, n, limit))
+    logger.info(
+        "matmul %dx%dx%d: %s, tiles %s on %d threads",
+        m,
+        a.shape[1],
+        n,
+        how.choice.reason,
+        how.tiling,
+        how.threads,
+    )
+    _run(a, b, how.choice.precision, how.tiling, device, write, workers=how.threads)
     return result
 
 
 def _workers(tiling: Tiling, m: int, n: int, memory_limit: int) -> int:
-    tiles = -(-m // tiling.bm) * -(-n // tiling.bn)
+    tiles = len(tiling.tiles(m, n))
     if tiles < 2 or tiling.bm * tiling.bn * tiling.bk < _POOL_MIN_TILE_WORK:
         return 1
     workers = min(tiles, hardware.detect().cores)

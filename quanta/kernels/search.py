@@ -210,11 +210,10 @@ def _best_groups(codes_q: torch.Tensor, corpus: Corpus, keep: int) -> torch.Tens
     keep = min(keep, per_block * blocks)
     # Columns [0, keep) hold the best groups so far, the rest the new block's.
     values = torch.empty(q, keep + per_block, dtype=_score_dtype(codes_q))
-    ids = torch.empty(q, keep + per_block, dtype=torch.long)
+    values[:, :keep] = _lowest(values.dtype)
     # Until real groups replace them, the kept slots name a group past the
     # end, whose rows the fp32 stage skips.
-    values[:, :keep] = _lowest(values.dtype)
-    ids[:, :keep] = blocks * per_block
+    ids = torch.full((q, keep), blocks * per_block, dtype=torch.long)
     for block, rows in enumerate(_row_slices(corpus.size, width)):
         scores = _scores(codes_q, corpus.codes[rows])
         if scores.shape[1] < width:
@@ -224,30 +223,32 @@ def _best_groups(codes_q: torch.Tensor, corpus: Corpus, keep: int) -> torch.Tens
             )
             scores = torch.cat([scores, pad], dim=1)
         torch.amax(scores.view(q, GROUP, per_block), 1, out=values[:, keep:])
-        ids[:, keep:] = torch.arange(block * per_block, (block + 1) * per_block)
-        _merge(values, ids, keep)
-    return ids[:, :keep], width
+        _merge(values, ids, keep, first_new=block * per_block)
+    return ids, width
 
 
-def _merge(values: torch.Tensor, ids: torch.Tensor, keep: int) -> None:
-    """Fold the new block's groups (columns keep:) into the kept ones (columns :keep)."""
+def _merge(values: torch.Tensor, ids: torch.Tensor, keep: int, first_new: int) -> None:
+    """Fold the new block's groups (columns keep:, numbered from `first_new`) into the kept."""
     # After the first blocks, most queries' new groups all score below their
     # worst kept one; only the other queries need the top-k.
     rising = values[:, keep:].amax(1) > values[:, :keep].amin(1)
     rows = rising.nonzero().squeeze(1)
     if rows.numel() == 0:
         return
-    if rows.numel() < values.shape[0] // 2:
-        part_values, part_ids = values[rows], ids[rows]
-    else:
-        rows, part_values, part_ids = None, values, ids
+    whole = rows.numel() >= values.shape[0] // 2
+    part_values = values if whole else values[rows]
+    part_ids = ids if whole else ids[rows]
     top = part_values.topk(keep, dim=1, sorted=False)
-    if rows is None:
+    # a position below keep is a kept group; one above is new group first_new + (pos - keep)
+    position = top.indices
+    kept = part_ids.gather(1, position.clamp(max=keep - 1))
+    new_ids = torch.where(position < keep, kept, position + (first_new - keep))
+    if whole:
         values[:, :keep] = top.values
-        ids[:, :keep] = ids.gather(1, top.indices)
+        ids.copy_(new_ids)
     else:
         values[rows, :keep] = top.values
-        ids[rows, :keep] = part_ids.gather(1, top.indices)
+        ids[rows] = new_ids
 
 
 def _score_dtype(codes_q: torch.Tensor) -> torch.dtype:

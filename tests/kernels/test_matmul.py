@@ -48,17 +48,17 @@ def test_tiles_that_cut_every_dimension_give_the_same_product(precision):
 def test_auto_keeps_tol_and_says_what_it_took(caplog):
     a, b = gaussian(1024, 1024, seed=5), gaussian(1024, 1024, seed=6)
     for tol in (1e-2, 1e-4):
-        choice, _ = plan(a, b, tol=tol)
+        choice = plan(a, b, tol=tol).choice
         with caplog.at_level(logging.INFO, logger="quanta.kernels.matrix"):
             c = matmul(a, b, tol=tol)
         assert error(c, a, b) <= tol
         assert choice.precision in caplog.records[-1].getMessage()
     # no faster precision keeps 1e-4 on Gaussian data: auto falls back to fp32
-    assert plan(a, b, tol=1e-4)[0].precision == "fp32"
+    assert plan(a, b, tol=1e-4).choice.precision == "fp32"
 
 
 def test_auto_runs_a_tiny_product_in_fp32_without_sampling():
-    choice, _ = plan(gaussian(8, 8), gaussian(8, 8))
+    choice = plan(gaussian(8, 8), gaussian(8, 8)).choice
     assert choice.precision == "fp32" and not choice.errors
 
 
