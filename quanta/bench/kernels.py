@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
-import json
 import os
 import platform
 import statistics
@@ -45,6 +44,7 @@ from quanta.bench.kernels_peers import (
     torch_topk,
     unit_rows,
 )
+from quanta.bench.record import write_record
 from quanta.kernels import Corpus, matmul, plan, topk
 
 __all__ = ["main"]
@@ -404,8 +404,5 @@ def main(argv: list[str] | None = None) -> dict:
     }
     record["targets"] = _targets(matmul_part, topk_part)
     _report(record)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernels.json").write_text(json.dumps(record, indent=2))
-    _plot(record, args.out / "kernels.png")
-    print(f"wrote {args.out / 'kernels.json'} and {args.out / 'kernels.png'}")
+    write_record(args.out, "kernels", record, lambda path: _plot(record, path))
     return record

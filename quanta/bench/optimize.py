@@ -16,7 +16,6 @@ its rounds' medians.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -38,6 +37,7 @@ from quanta.bench.optimize_peers import (
     torch_dynamic_int8,
     versions,
 )
+from quanta.bench.record import write_record
 from quanta.errors import ConfigError, OptimizeError
 from quanta.optimize.corpus import load_corpus
 from quanta.optimize.measure import latency_p50
@@ -398,8 +398,5 @@ def main(argv: list[str] | None = None) -> dict:
     }
     record["targets"] = _targets({r["name"]: r for r in rows})
     _report(record)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "optimize.json").write_text(json.dumps(record, indent=2))
-    _plot(rows, args.out / "optimize.png")
-    print(f"wrote {args.out / 'optimize.json'} and {args.out / 'optimize.png'}")
+    write_record(args.out, "optimize", record, lambda path: _plot(rows, path))
     return record

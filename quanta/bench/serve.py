@@ -27,6 +27,7 @@ import httpx
 from quanta import hardware
 from quanta.bench.corpus import sentences
 from quanta.bench.load import LoadResult, run_load
+from quanta.bench.record import write_record
 
 __all__ = ["main"]
 
@@ -140,10 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         record["throughput_ratio"] = round(quanta["requests_per_s"] / best_rps, 2)
         record["p99_ratio"] = round(quanta["p99_ms"] / min(p["p99_ms"] for p in plain), 2)
     _report(record)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve.json").write_text(json.dumps(record, indent=2))
-    _plot(results, args.out / "serve.png")
-    print(f"wrote {args.out / 'serve.json'} and {args.out / 'serve.png'}")
+    write_record(args.out, "serve", record, lambda path: _plot(results, path))
     return record
 
 

@@ -143,6 +143,26 @@ class Gateway:
             for future in futures:
                 future.cancel()
 
+    def check_texts(self, given: str | list[str], field: str, *, blank: bool = True) -> list[str]:
+        """The texts of a body field that is a string or a list of them, checked.
+
+        Raises:
+            APIError: no texts, too many, or an empty one (or, unless `blank`,
+                one of only whitespace).
+        """
+        texts = [given] if isinstance(given, str) else given
+        self.check_count(len(texts), field)
+        for i, text in enumerate(texts):
+            if not (text if blank else text.strip()):
+                where = field if isinstance(given, str) else f"{field}[{i}]"
+                raise APIError(
+                    400,
+                    f"{where} is an empty string; every text needs a character",
+                    code="empty_input",
+                    param=field,
+                )
+        return texts
+
     def check_count(self, count: int, field: str) -> None:
         if count == 0:
             raise APIError(
@@ -169,17 +189,7 @@ def _add_embeddings_route(app: FastAPI, gateway: Gateway, spec: EndpointSpec) ->
                 f"{sorted(gateway.model_names)}"
             )
             raise APIError(404, message, code="model_not_found", param="model")
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        gateway.check_count(len(texts), "input")
-        for i, text in enumerate(texts):
-            if not text:
-                where = "input" if isinstance(body.input, str) else f"input[{i}]"
-                raise APIError(
-                    400,
-                    f"{where} is an empty string; every text needs a character",
-                    code="empty_input",
-                    param="input",
-                )
+        texts = gateway.check_texts(body.input, "input")
         if body.dimensions is not None and not 1 <= body.dimensions <= dimensions:
             message = f"dimensions={body.dimensions} is out of range: use 1 to {dimensions}"
             raise APIError(400, message, code="invalid_dimensions", param="dimensions")

@@ -40,17 +40,8 @@ def add_search_route(app: FastAPI, gateway, spec: EndpointSpec) -> None:
     collection = gateway.service.collection
 
     async def search(body: SearchRequest) -> Response:
-        queries = [body.query] if isinstance(body.query, str) else body.query
-        gateway.check_count(len(queries), "query")
-        for i, text in enumerate(queries):
-            if not text.strip():
-                where = "query" if isinstance(body.query, str) else f"query[{i}]"
-                raise APIError(
-                    400,
-                    f"{where} is empty; send the text to search for",
-                    code="empty_input",
-                    param="query",
-                )
+        # a query of only whitespace would find arbitrary texts: refuse it too
+        queries = gateway.check_texts(body.query, "query", blank=False)
         k = min(10, len(collection)) if body.k is None else body.k
         if not 1 <= k <= len(collection):
             message = (

@@ -78,8 +78,8 @@ def test_results_equal_brute_force_over_both_shards(search_server, collection):
     [
         ({"query": "x", "k": 0}, 400, "invalid_k", "k=0 is out of range"),
         ({"query": "x", "k": PARAGRAPHS + 1}, 400, "invalid_k", f"use 1 to {PARAGRAPHS}"),
-        ({"query": "", "k": 1}, 400, "empty_input", "query is empty"),
-        ({"query": ["ok", "  "], "k": 1}, 400, "empty_input", "query[1] is empty"),
+        ({"query": "", "k": 1}, 400, "empty_input", "query is an empty string"),
+        ({"query": ["ok", "  "], "k": 1}, 400, "empty_input", "query[1] is an empty string"),
         ({"query": [], "k": 1}, 400, "empty_input", "query is an empty list"),
         ({"query": "x", "k": "3"}, 422, "invalid_type", "expected an integer"),
         ({"k": 3}, 422, "invalid_type", "'query' is required"),
