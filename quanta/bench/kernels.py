@@ -128,10 +128,11 @@ def _matmul_part(args: argparse.Namespace, rng: np.random.Generator) -> dict:
         "quanta bf16": lambda x, y: matmul(x, y, precision="bf16"),
         "quanta int8": lambda x, y: matmul(x, y, precision="int8"),
     }
-    # Small tiles, as a tight memory limit makes them: one thread after another
-    # (torch's threads inside each tile) against a pool of one thread per core.
+    # Small tiles, as a tight memory limit makes them: one tile after another
+    # (torch's threads inside each tile) against a pool of one thread per core;
+    # the "pool_threads" of the record says which of the two matmul chose.
     for side in TILE_SIDES:
-        for threads, label in ((1, "in order"), (None, "pool")):
+        for threads, label in ((1, "in order"), (hardware.detect().cores, "pool")):
             rows[f"quanta fp32, {side} tiles, {label}"] = functools.partial(
                 _tiled, block=side, threads=threads
             )

@@ -8,16 +8,18 @@
 
 The product is cut into tiles (see `quanta.kernels.blocks`) so that its extra
 memory stays under a limit whatever the operand sizes, which lets operands be
-memmaps larger than RAM. Tiles run on a thread pool when there are several,
-since then torch's threading inside one tile does not fill the cores and a
-pool also overlaps reading a memmap with computing. The precision comes from
-`quanta.kernels.precision`.
+memmaps larger than RAM. When there are several tiles, small enough that
+torch's threads inside one tile may not fill the cores, a pool of one thread
+per core runs them, if a timing of that tile size says the pool is faster.
+The precision comes from `quanta.kernels.precision`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -181,7 +183,36 @@ def _workers(tiling: Tiling, m: int, n: int, memory_limit: int) -> int:
     if tiles < 2 or tiling.bm * tiling.bn * tiling.bk < _POOL_MIN_TILE_WORK:
         return 1
     workers = min(tiles, hardware.detect().cores)
-    return workers if memory_limit >= 4 * workers * _THREAD_RESERVE_BYTES else 1
+    if workers < 2 or memory_limit < 4 * workers * _THREAD_RESERVE_BYTES:
+        return 1
+    return workers if _pool_pays(tiling.bm, tiling.bn, tiling.bk, workers) else 1
+
+
+@functools.cache
+def _pool_pays(bm: int, bn: int, bk: int, workers: int) -> bool:
+    """Whether `workers` threads run tiles of this size faster than torch's threads alone.
+
+    Measured once per tile size, since it depends on the machine: on 2 cores
+    the two were within a few percent of each other at every size tried
+    (docs/benchmarks.md), so either answer costs little there.
+    """
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(bm, bk, generator=generator)
+    b = torch.randn(bk, bn, generator=generator)
+    count = 2 * workers
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda _: torch.mm(a, b), range(workers)))  # start the threads
+        best = {"in order": float("inf"), "pool": float("inf")}
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(count):
+                torch.mm(a, b)
+            best["in order"] = min(best["in order"], time.perf_counter() - start)
+            start = time.perf_counter()
+            list(pool.map(lambda _: torch.mm(a, b), range(count)))
+            best["pool"] = min(best["pool"], time.perf_counter() - start)
+    logger.debug("tiles %dx%dx%d: %s", bm, bn, bk, best)
+    return best["pool"] < best["in order"]
 
 
 def _output(out, m: int, n: int, a, b, device: torch.device):
