@@ -185,10 +185,10 @@ def _row_slices(n: int, rows: int) -> list[slice]:
     return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
 
 
-def _scores(codes_q: torch.Tensor, codes_c: torch.Tensor) -> torch.Tensor:
+def _scores(codes_q: torch.Tensor, codes_c: torch.Tensor, out=None) -> torch.Tensor:
     if codes_q.dtype == torch.int8:
-        return torch._int_mm(codes_q, codes_c.T)
-    return codes_q @ codes_c.T
+        return torch._int_mm(codes_q, codes_c.T, out=out)
+    return torch.mm(codes_q, codes_c.T, out=out)
 
 
 def _block_width(corpus: Corpus) -> int:
@@ -214,14 +214,16 @@ def _best_groups(codes_q: torch.Tensor, corpus: Corpus, keep: int) -> torch.Tens
     # Until real groups replace them, the kept slots name a group past the
     # end, whose rows the fp32 stage skips.
     ids = torch.full((q, keep), blocks * per_block, dtype=torch.long)
+    # One buffer for every block's scores: it stays in the cache, where a new
+    # tensor per block would be fresh memory each time.
+    scores = torch.empty(q, width, dtype=values.dtype)
     for block, rows in enumerate(_row_slices(corpus.size, width)):
-        scores = _scores(codes_q, corpus.codes[rows])
-        if scores.shape[1] < width:
+        if rows.stop - rows.start == width:
+            _scores(codes_q, corpus.codes[rows], out=scores)
+        else:
             # the last block: fill up with a score that never wins
-            pad = torch.full(
-                (q, width - scores.shape[1]), _lowest(scores.dtype), dtype=scores.dtype
-            )
-            scores = torch.cat([scores, pad], dim=1)
+            scores.fill_(_lowest(scores.dtype))
+            scores[:, : rows.stop - rows.start] = _scores(codes_q, corpus.codes[rows])
         torch.amax(scores.view(q, GROUP, per_block), 1, out=values[:, keep:])
         _merge(values, ids, keep, first_new=block * per_block)
     return ids, width
