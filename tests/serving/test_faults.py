@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,16 @@ def _busy_workers(server: Server) -> list[dict]:
     """The workers that have items in flight, as /healthz reports them."""
     workers = httpx.get(f"{server.url}/healthz").json()["workers"]
     return [w for w in workers if w["items_in_flight"]]
+
+
+def _accepted(server: Server, endpoint: str) -> float:
+    """Inputs the gateway has taken for `endpoint`: sent to workers, or waiting."""
+    text = httpx.get(f"{server.url}/metrics").text
+    total = 0.0
+    for name in ("quanta_batch_size_sum", "quanta_queue_depth"):
+        match = re.search(rf'^{name}{{endpoint="{re.escape(endpoint)}"}} (\S+)$', text, re.M)
+        total += float(match.group(1)) if match else 0.0
+    return total
 
 
 def _wait_until_busy(server: Server, worker_id: str | None = None) -> dict:
@@ -203,7 +214,9 @@ def test_sigterm_lets_requests_in_flight_finish():
                 pool.submit(httpx.post, f"{server.url}/double", json={"inputs": [i]}, timeout=30)
                 for i in range(8)
             ]
-            _wait_until_busy(server)
+            # every request must have reached the gateway: one still connecting
+            # when SIGTERM lands is refused, which is right but not the point here
+            _wait_for(lambda: _accepted(server, "/double") >= 8, 30, "all 8 requests to arrive")
             code = server.stop()
             results = [a.result() for a in answers]
 
