@@ -19,6 +19,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from quanta.errors import ConfigError, QuantaError
 
@@ -116,18 +117,16 @@ def _serve_builtin(args: argparse.Namespace) -> None:
     if args.index is None:
         _serve(args, BUILTIN_SERVICE, options)
         return
-    from quanta.models.collection import read_collection
-
-    # The collection is checked here, so a bad file stops the server before
-    # any model loads; embedding runs in a child process, which keeps torch
-    # out of the gateway and shows its progress bar on this terminal.
-    index = str(read_collection(args.index).path.resolve())
+    # Embedding runs in a child process, which keeps torch out of the gateway
+    # and shows its progress bar on this terminal; it also checks the file, so
+    # a bad one stops the server here, before any worker starts.
+    index = str(Path(args.index).resolve())
     command = [sys.executable, "-m", "quanta.models.index", index, "--model", args.model]
     command += ["--precision", args.precision]
     if args.index_cache is not None:
         command += ["--cache-dir", args.index_cache]
     if subprocess.run(command).returncode != 0:
-        raise ConfigError(f"embedding the collection {index} failed (see above)")
+        raise ConfigError(f"preparing the collection {index} failed (see above)")
     options.update(index=index, cache_dir=args.index_cache)
     _serve(args, SEARCH_SERVICE, options)
 

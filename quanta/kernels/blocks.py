@@ -128,7 +128,7 @@ def check_operand(x, name: str) -> tuple[int, int]:
     if isinstance(x, np.ndarray):
         numeric = np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
     elif isinstance(x, torch.Tensor):
-        numeric = x.is_floating_point() or not (x.is_complex() or x.dtype == torch.bool)
+        numeric = not (x.is_complex() or x.dtype == torch.bool)
     else:
         raise ConfigError(
             f"{name} is a {type(x).__name__}; pass a numpy array, a numpy memmap or a torch tensor"
@@ -167,10 +167,8 @@ def _read_mapped(x: np.memmap, rows: slice, cols: slice) -> np.ndarray:
     out = np.empty((len(picked), len(range(*cols.indices(x.shape[1])))), dtype=np.float32)
     step = max(1, _MAPPED_CHUNK_BYTES // max(1, x.strides[0]))
     for start in range(0, len(picked), step):
-        chunk = slice(picked.start + start * picked.step, None, picked.step)
-        count = min(step, len(picked) - start)
-        chunk = slice(chunk.start, chunk.start + count * picked.step, picked.step)
-        out[start : start + count] = x[chunk, cols]
+        chunk = picked[start : start + step]
+        out[start : start + len(chunk)] = x[chunk.start : chunk.stop : chunk.step, cols]
         release(x)
     return out
 

@@ -193,7 +193,7 @@ def _pool_pays(bm: int, bn: int, bk: int, workers: int) -> bool:
     """Whether `workers` threads run tiles of this size faster than torch's threads alone.
 
     Measured once per tile size, since it depends on the machine: on 2 cores
-    the two were within a few percent of each other at every size tried
+    the two were within a tenth of each other at every size tried
     (docs/benchmarks.md), so either answer costs little there.
     """
     generator = torch.Generator().manual_seed(0)

@@ -91,25 +91,25 @@ class Corpus:
         self.vectors, self.size, self.dim = vectors, n, d
         self.precision, self.offset = precision, offset
         self.scale = torch.ones(d)
-        self.center = self._mean() if precision != "fp32" else torch.zeros(d)
+        center = self._mean() if precision != "fp32" else torch.zeros(d)
         if precision == "int8":
-            self.codes = self._int8_codes()
+            self.codes = self._int8_codes(center)
         else:
             dtype = torch.bfloat16 if precision == "bf16" else torch.float32
             self.codes = torch.empty(n, d, dtype=dtype)
             for rows in self._blocks():
-                self.codes[rows] = self._centered(rows)
+                self.codes[rows] = self._centered(rows, center)
         logger.debug("corpus of %d x %d prepared in %s", n, d, precision)
 
     def _blocks(self) -> list[slice]:
         return _row_slices(self.size, _CODE_ROWS)
 
-    def _centered(self, rows: slice) -> torch.Tensor:
+    def _centered(self, rows: slice, center: torch.Tensor) -> torch.Tensor:
         # Codes hold each row minus the corpus mean: that shifts all of a
         # query's scores by the same q . mean, so the ranking is unchanged, and
         # the low precision spends its range on what tells rows apart. Without
         # it, embeddings that share a direction lose their order to rounding.
-        return read_block(self.vectors, rows, slice(None), torch.device("cpu")) - self.center
+        return read_block(self.vectors, rows, slice(None), torch.device("cpu")) - center
 
     def _mean(self) -> torch.Tensor:
         total = torch.zeros(self.dim, dtype=torch.float64)
@@ -117,16 +117,16 @@ class Corpus:
             total += read_block(self.vectors, rows, slice(None), torch.device("cpu")).sum(0)
         return (total / max(1, self.size)).float()
 
-    def _int8_codes(self) -> torch.Tensor:
+    def _int8_codes(self, center: torch.Tensor) -> torch.Tensor:
         # Passes of bounded memory: the largest magnitude of each dimension,
         # then the codes.
         peak = torch.zeros(self.dim)
         for rows in self._blocks():
-            torch.maximum(peak, self._centered(rows).abs_().amax(0), out=peak)
+            torch.maximum(peak, self._centered(rows, center).abs_().amax(0), out=peak)
         self.scale = peak.clamp_(min=1e-30) / 127
         codes = torch.empty(self.size, self.dim, dtype=torch.int8)
         for rows in self._blocks():
-            codes[rows] = self._centered(rows).div_(self.scale).round_()
+            codes[rows] = self._centered(rows, center).div_(self.scale).round_()
         return codes
 
     def shard(self, index: int, count: int) -> Corpus:
@@ -138,7 +138,6 @@ class Corpus:
         part = object.__new__(Corpus)
         part.vectors, part.size, part.dim = self.vectors[lo:hi], hi - lo, self.dim
         part.precision, part.offset, part.scale = self.precision, self.offset + lo, self.scale
-        part.center = self.center
         part.codes = self.codes[lo:hi]
         return part
 
@@ -197,8 +196,10 @@ def _block_width(corpus: Corpus) -> int:
     return min(_BLOCK_ROWS, -(-corpus.size // GROUP) * GROUP)
 
 
-def _best_groups(codes_q: torch.Tensor, corpus: Corpus, keep: int) -> torch.Tensor:
-    """The `keep` best groups of rows per query by approximate score, as group numbers.
+def _best_groups(codes_q: torch.Tensor, corpus: Corpus, keep: int) -> tuple[torch.Tensor, int]:
+    """The `keep` best groups of rows per query by approximate score, and the block width.
+
+    Groups are numbered as `_group_rows` reads them.
 
     A block of `width` rows forms width / GROUP groups, each taking every
     (width / GROUP)-th row: the best of a group is then an elementwise maximum

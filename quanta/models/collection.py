@@ -118,12 +118,12 @@ class VectorCache:
 
     @classmethod
     def beside(
-        cls, collection: Collection, directory: str | os.PathLike | None = None
+        cls, path: str | os.PathLike, directory: str | os.PathLike | None = None
     ) -> VectorCache:
-        """The cache next to the collection file, or in `directory` if given."""
-        folder = Path(directory) if directory is not None else collection.path.parent
-        stem = collection.path.name
-        return cls(folder / f"{stem}.vectors.npy", folder / f"{stem}.vectors.json")
+        """The cache of the collection file `path`: next to it, or in `directory` if given."""
+        path = Path(path)
+        folder = Path(directory) if directory is not None else path.parent
+        return cls(folder / f"{path.name}.vectors.npy", folder / f"{path.name}.vectors.json")
 
     def expected(self, collection: Collection, model: str) -> dict:
         return {
@@ -133,12 +133,17 @@ class VectorCache:
             "count": len(collection),
         }
 
-    def is_current(self, collection: Collection, model: str) -> bool:
-        """Whether the cached vectors were made from this file with this model."""
+    def read_record(self) -> dict:
+        """What the cached vectors were made from; empty if there is no readable record."""
         try:
             record = json.loads(self.record.read_text())
         except (OSError, ValueError):
-            return False
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def is_current(self, collection: Collection, model: str) -> bool:
+        """Whether the cached vectors were made from this file with this model."""
+        record = self.read_record()
         expected = self.expected(collection, model)
         return self.vectors.is_file() and all(record.get(k) == v for k, v in expected.items())
 

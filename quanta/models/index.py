@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         collection = read_collection(args.index)
-        cache = VectorCache.beside(collection, args.cache_dir)
+        cache = VectorCache.beside(collection.path, args.cache_dir)
         started = time.perf_counter()
         with Progress(
             "embedding {task.fields[name]}",

@@ -20,12 +20,13 @@ candidate stage of `quanta.kernels.topk`.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
 
 from quanta.errors import ConfigError
-from quanta.models.collection import VectorCache, read_collection
+from quanta.models.collection import Collection, VectorCache, read_collection
 from quanta.models.index import model_key
 from quanta.models.minilm import MiniLMEmbedder
 from quanta.service import endpoint
@@ -44,7 +45,8 @@ class MiniLMSearch(MiniLMEmbedder):
         model, precision: as for `MiniLMEmbedder`.
 
     Raises:
-        ConfigError: the collection is unreadable or malformed, or its vectors
+        ConfigError: when `collection` is first read (the gateway reads it as it
+            starts): the collection is unreadable or malformed, or its vectors
             are not cached yet (`python -m quanta.models.index FILE` makes them).
     """
 
@@ -57,30 +59,44 @@ class MiniLMSearch(MiniLMEmbedder):
         precision: str = "auto",
     ):
         super().__init__(model=model, precision=precision)
-        self.collection = read_collection(index)
-        self.cache = VectorCache.beside(self.collection, cache_dir)
-        if not self.cache.is_current(self.collection, model_key(model, precision)):
-            raise ConfigError(
-                f"the vectors of {index} are missing or out of date in {self.cache.vectors}; "
-                f"make them with: python -m quanta.models.index {index} --model {model}"
-            )
+        self.index, self.model, self.model_key = index, model, model_key(model, precision)
+        self.cache = VectorCache.beside(index, cache_dir)
         self._shards: dict[tuple[int, int], object] = {}
+
+    @functools.cached_property
+    def collection(self) -> Collection:
+        """The ids and texts, read on first use: by the gateway, which answers with them.
+
+        Workers never read it (a large file would cost each one its reading,
+        hashing and memory); they need only the cached vectors.
+        """
+        collection = read_collection(self.index)
+        if not self.cache.is_current(collection, self.model_key):
+            raise ConfigError(
+                f"the vectors of {self.index} are missing or out of date in "
+                f"{self.cache.vectors}; make them with: "
+                f"python -m quanta.models.index {self.index} --model {self.model}"
+            )
+        return collection
 
     def setup(self) -> None:
         super().setup()
         from quanta.kernels import Corpus
 
+        # The gateway checked the cache against the file before any worker
+        # started; the record's count guards against a cache replaced since.
         vectors = np.load(self.cache.vectors, mmap_mode="r")
-        if vectors.shape != (len(self.collection), self.dimensions):
+        count = self.cache.read_record().get("count")
+        if vectors.shape != (count, self.dimensions):
             raise ConfigError(
-                f"{self.cache.vectors} holds {vectors.shape} vectors for {len(self.collection)} "
-                "texts; delete it to embed the collection again"
+                f"{self.cache.vectors} holds {vectors.shape} vectors where its record says "
+                f"{count}; delete it to embed the collection again"
             )
         self.corpus = Corpus(vectors)
         logger.info(
-            "search over %d texts of %s (%s candidates)",
-            len(self.collection),
-            self.collection.path.name,
+            "search over %d vectors of %s (%s candidates)",
+            count,
+            self.cache.vectors.name,
             self.corpus.precision,
         )
 

@@ -6,19 +6,27 @@ import subprocess
 import sys
 
 
+def heavy_imports_after(code: str) -> str:
+    """Run `code` in a fresh interpreter; print which of torch and transformers it imported."""
+    report = "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys\n" + code + report],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return result.stdout.strip()
+
+
 def test_building_the_gateway_imports_no_torch():
     code = (
-        "import sys\n"
         "from quanta.serving import ServerConfig, create_app\n"
         "config = ServerConfig()\n"
         "create_app(config)\n"
         "assert config.worker_count >= 1\n"
-        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
-    assert result.stdout.strip() == "[]"
+    assert heavy_imports_after(code) == "[]"
 
 
 def test_the_search_gateway_imports_no_torch(tmp_path):
@@ -32,19 +40,14 @@ def test_the_search_gateway_imports_no_torch(tmp_path):
     index = tmp_path / "notes.txt"
     index.write_text("one text\nanother text\n")
     collection = read_collection(index)
-    cache = VectorCache.beside(collection)
+    cache = VectorCache.beside(index)
     np.save(cache.vectors, np.zeros((2, 384), np.float32))
     cache.write_record(collection, model_key("builtin:minilm", "auto"), 384)
     code = (
-        "import sys\n"
         "from quanta.serving import ServerConfig, create_app\n"
         "config = ServerConfig(service='quanta.models.search:MiniLMSearch', "
         f"options={{'index': {str(index)!r}}})\n"
         "app = create_app(config)\n"
         "assert any(route.path == '/v1/search' for route in app.routes)\n"
-        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
-    assert result.stdout.strip() == "[]"
+    assert heavy_imports_after(code) == "[]"
